@@ -1,0 +1,186 @@
+"""The two state interfaces the core talks to. Every implementation passes the same contract
+suite (tests/contract/).
+
+Broker: fast, shared, mostly ephemeral coordination (queue, leader lock, presence, pub/sub,
+rate-limit counters). Store: durable records. Ownership-deciding changes are compare-and-set
+in the Store; the Broker only speeds things up, it never decides correctness alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Collection, Mapping
+from typing import Any, Protocol
+
+from server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
+
+_QUEUE_EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
+_PRIORITY_BAND = 10**12  # ms: 31 years of FIFO positions per priority band
+
+
+def queue_score(priority: int, enqueued_at: float) -> float:
+    """Sorted-set score: higher priority first, then FIFO. Exact in a double for
+    priorities -1000..1000 (2001 bands of 1e12 < 2**53)."""
+    return float((1000 - priority) * _PRIORITY_BAND + max(0, int(enqueued_at * 1000) - _QUEUE_EPOCH_MS))
+
+
+class BackendUnavailable(Exception):
+    """The Broker or Store cannot be reached right now. Message names the component."""
+
+
+class Subscription(Protocol):
+    """Messages published on one channel after the subscription was made, in publish order."""
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    async def close(self) -> None: ...
+
+
+class Broker(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise BackendUnavailable if the broker cannot be reached."""
+
+    # -- job queue: one sorted set ordered by queue_score ---------------------------------------
+    async def enqueue(self, job_id: str, priority: int, enqueued_at: float) -> None:
+        """Add the job (idempotent: enqueuing a queued job keeps its position)."""
+
+    async def peek(self, limit: int) -> list[str]:
+        """Up to `limit` job ids in queue order, without removing them."""
+
+    async def remove(self, job_id: str) -> bool:
+        """Remove the job atomically; True only for the one caller that removed it."""
+
+    async def is_queued(self, job_id: str) -> bool: ...
+
+    async def queue_depth(self) -> int: ...
+
+    # -- leader lock with fencing epoch ----------------------------------------------------------
+    async def acquire_lock(self, name: str, owner: str, ttl_ms: int) -> int | None:
+        """SET NX PX; on success take and return a new fencing epoch (INCR), else None."""
+
+    async def renew_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        """Extend the TTL only if `owner` still holds the lock."""
+
+    async def release_lock(self, name: str, owner: str) -> bool:
+        """Delete the lock only if `owner` holds it."""
+
+    async def lock_holder(self, name: str) -> tuple[str | None, int]:
+        """(current holder or None, latest epoch taken)."""
+
+    # -- presence: key/value entries with TTLs, grouped by kind ---------------------------------
+    async def set_presence(self, kind: str, member: str, value: str, ttl_ms: int) -> None: ...
+
+    async def get_presence(self, kind: str, member: str) -> str | None: ...
+
+    async def list_presence(self, kind: str) -> dict[str, str]: ...
+
+    async def delete_presence(self, kind: str, member: str, if_value: str | None = None) -> bool:
+        """Delete the entry; with `if_value`, only if it still holds that value."""
+
+    # -- pub/sub ----------------------------------------------------------------------------------
+    async def publish(self, channel: str, data: bytes) -> None: ...
+
+    async def subscribe(self, channel: str) -> Subscription:
+        """Subscribe; messages published after this call returns are delivered."""
+
+    # -- rate limits --------------------------------------------------------------------------------
+    async def hit(self, key: str, window_s: int) -> int:
+        """Count one hit in the current fixed window of `key`; return the count so far."""
+
+
+class Store(Protocol):
+    async def start(self) -> None:
+        """Connect, create tables/indexes, migrate."""
+
+    async def close(self) -> None: ...
+
+    async def ping(self) -> None:
+        """Raise BackendUnavailable if the store cannot be reached."""
+
+    # -- API keys ------------------------------------------------------------------------------------
+    async def put_api_key(self, rec: ApiKeyRecord) -> None: ...
+
+    async def get_api_key_by_hash(self, token_hash: str) -> ApiKeyRecord | None: ...
+
+    async def list_api_keys(self, owner: str | None = None) -> list[ApiKeyRecord]: ...
+
+    async def revoke_api_key(self, key_id: str, at: float) -> ApiKeyRecord | None: ...
+
+    async def touch_api_key(self, key_id: str, at: float) -> None: ...
+
+    # -- agents -----------------------------------------------------------------------------------------
+    async def put_agent(self, rec: AgentRecord) -> None: ...
+
+    async def get_agent(self, agent_id: str) -> AgentRecord | None: ...
+
+    async def get_agent_by_token_hash(self, token_hash: str) -> AgentRecord | None: ...
+
+    async def list_agents(self) -> list[AgentRecord]: ...
+
+    async def update_agent(self, agent_id: str, changes: Mapping[str, Any]) -> AgentRecord | None: ...
+
+    async def revoke_agent(self, agent_id: str, at: float) -> AgentRecord | None:
+        """Set revoked_at (once); None if unknown."""
+
+    # -- jobs ---------------------------------------------------------------------------------------------
+    async def create_job(self, rec: JobRecord) -> None: ...
+
+    async def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    async def list_jobs(
+        self,
+        *,
+        owner: str | None = None,
+        states: Collection[str] | None = None,
+        agent_id: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> list[JobRecord]:
+        """Newest first (ids sort by creation time); `before` is the last id of the previous page."""
+
+    async def update_job(
+        self,
+        job_id: str,
+        *,
+        expect_states: Collection[str],
+        expect_attempt: int | None = None,
+        fence_epoch: int | None = None,
+        changes: Mapping[str, Any],
+    ) -> JobRecord | None:
+        """Compare-and-set: apply `changes` only if the job is in one of `expect_states` (and at
+        `expect_attempt`, when given). With `fence_epoch`, the change also fails when a higher
+        epoch has been recorded by `advance_fence` or an earlier fenced change, and records this
+        epoch otherwise. Returns the updated record, or None when nothing changed."""
+
+    async def advance_fence(self, epoch: int) -> int:
+        """Record that leader `epoch` exists; returns the highest epoch recorded."""
+
+    async def jobs_with_expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
+        """Jobs in a leased state whose lease_expires_at is before `now`."""
+
+    async def jobs_past_deadline(self, now: float, limit: int = 100) -> list[JobRecord]:
+        """Jobs in a leased state whose deadline is before `now`."""
+
+    async def active_job_counts(self) -> dict[str, int]:
+        """Per agent id, how many jobs are in a leased state on it (slots in use)."""
+
+    async def renew_leases(self, agent_id: str, jobs: Collection[tuple[str, int]], until: float) -> list[str]:
+        """Extend the lease of each (job, attempt) leased to `agent_id`; return the renewed ids."""
+
+    # -- logs ---------------------------------------------------------------------------------------------
+    async def append_log(
+        self, job_id: str, attempt: int, seq: int, stream: str, data: bytes, ts: float
+    ) -> AppendResult:
+        """Store the chunk only if `seq` is the next contiguous seq of (job, attempt): assigns the
+        next per-job offset atomically. Duplicates and gaps store nothing; either way the result
+        carries the highest contiguous seq stored."""
+
+    async def read_logs(self, job_id: str, from_offset: int = 0, limit: int = 1000) -> list[LogEntry]: ...
+
+    async def acked_seq(self, job_id: str, attempt: int) -> int:
+        """Highest contiguous seq stored for (job, attempt); -1 when none."""
+
+    async def next_log_offset(self, job_id: str) -> int: ...

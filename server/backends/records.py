@@ -1,0 +1,75 @@
+"""Durable records, the same msgspec Structs in every Store implementation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+from protocol.jobs import JobSpec, JobState
+from protocol.messages import Stream
+
+Role = Literal["admin", "user"]
+
+
+class ApiKeyRecord(msgspec.Struct, kw_only=True):
+    id: str
+    token_hash: str  # hex SHA-256 of the whole token; the token itself is never stored
+    hint: str  # prefix and last 4 characters, for listings ("ym_key_...Ab3x")
+    name: str
+    owner: str  # principal id the key acts as
+    role: Role
+    created_at: float
+    expires_at: float | None = None
+    last_used_at: float | None = None
+    revoked_at: float | None = None
+
+
+class AgentRecord(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    token_hash: str
+    labels: list[str] = []
+    capacity: int = 1
+    created_at: float
+    revoked_at: float | None = None
+    last_seen_at: float | None = None
+    version: str | None = None
+    executor: str | None = None
+
+
+class JobRecord(msgspec.Struct, kw_only=True):
+    id: str
+    owner: str
+    spec: JobSpec
+    state: JobState
+    attempt: int = 0  # 0 until the first assignment; each assignment takes the next number
+    priority: int = 0
+    agent_id: str | None = None
+    epoch: int = 0  # leader epoch of the last fenced change
+    exit_code: int | None = None
+    error: str | None = None
+    cancel_reason: str | None = None
+    created_at: float
+    updated_at: float
+    enqueued_at: float  # FIFO position within a priority; kept across re-queues
+    assigned_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    lease_expires_at: float | None = None
+    deadline: float | None = None  # unix time by which the running attempt must finish
+
+
+class LogEntry(msgspec.Struct, kw_only=True):
+    job_id: str
+    offset: int  # per job, monotonic across attempts, assigned by the Store
+    attempt: int
+    seq: int  # per (job, attempt), from the agent
+    stream: Stream
+    data: bytes
+    ts: float
+
+
+class AppendResult(msgspec.Struct, kw_only=True):
+    entry: LogEntry | None  # None: not stored (duplicate, gap, or unknown job)
+    acked_seq: int  # highest contiguous seq stored for (job, attempt)
