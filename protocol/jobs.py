@@ -113,13 +113,13 @@ Label = Annotated[str, msgspec.Meta(pattern=_LABEL)]
 Priority = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]
 
 
-class Resources(msgspec.Struct, kw_only=True, omit_defaults=True, frozen=True):
+class Resources(msgspec.Struct, kw_only=True, frozen=True):
     cpus: Annotated[float, msgspec.Meta(gt=0, le=256)] = 1.0
     memory_mb: Annotated[int, msgspec.Meta(ge=6, le=1_048_576)] = 512
     pids: Annotated[int, msgspec.Meta(ge=8, le=65_536)] = 256
 
 
-class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
+class JobSpec(msgspec.Struct, kw_only=True):
     """What to run. Unknown fields are ignored on the agent wire (forward compatibility);
     the HTTP API decodes `JobSpecRequest`, which refuses them."""
 
@@ -158,7 +158,7 @@ class JobSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
         return list(self.command)
 
 
-class JobSpecRequest(JobSpec, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+class JobSpecRequest(JobSpec, forbid_unknown_fields=True, kw_only=True):
     """A job spec as submitted over the HTTP API: a misspelt field is an error, not ignored."""
 
 

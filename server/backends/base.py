@@ -164,6 +164,9 @@ class Store(Protocol):
     async def jobs_past_deadline(self, now: float, limit: int = 100) -> list[JobRecord]:
         """Jobs in a leased state whose deadline is before `now`."""
 
+    async def count_jobs_by_state(self) -> dict[str, int]:
+        """How many jobs are in each state (states with none may be absent)."""
+
     async def active_job_counts(self) -> dict[str, int]:
         """Per agent id, how many jobs are in a leased state on it (slots in use)."""
 

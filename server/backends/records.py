@@ -44,6 +44,7 @@ class JobRecord(msgspec.Struct, kw_only=True):
     spec: JobSpec
     state: JobState
     attempt: int = 0  # 0 until the first assignment; each assignment takes the next number
+    runs: int = 0  # attempts an agent accepted: what max_attempts counts (rejects do not)
     priority: int = 0
     agent_id: str | None = None
     epoch: int = 0  # leader epoch of the last fenced change

@@ -1,0 +1,61 @@
+"""API errors as JSON bodies `{"error": {"code", "message", "field"?}}`; internals never leak."""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from server.backends.base import BackendUnavailable
+
+log = logging.getLogger("yardmaster.api")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+        self.headers = headers
+
+
+def error_response(status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict[str, object] = {"code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+async def api_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return error_response(exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+
+_HTTP_CODES = {404: "not-found", 405: "method-not-allowed", 413: "too-large"}
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "http-error"), str(exc.detail))
+
+
+async def unavailable(request: Request, exc: Exception) -> Response:
+    log.warning("backend unavailable", extra={"reason": str(exc), "path": request.url.path})
+    return error_response(503, "unavailable", "state backend unavailable; retry shortly", headers={"Retry-After": "1"})
+
+
+async def internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
+    return error_response(500, "internal", "internal server error")
+
+
+EXCEPTION_HANDLERS = {
+    ApiError: api_error,
+    HTTPException: http_error,
+    BackendUnavailable: unavailable,
+    Exception: internal_error,
+}

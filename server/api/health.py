@@ -1,0 +1,64 @@
+"""/healthz, /readyz, /metrics and /api/v1/ws-tickets."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from protocol.jobs import JOB_STATES
+from server.api.auth import require_principal, runtime
+from server.backends.base import BackendUnavailable
+
+PROBE_TIMEOUT_S = 2.0
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    rt = runtime(request)
+    failing: dict[str, str] = {}
+    for name, probe in (("broker", rt.broker.ping), ("store", rt.store.ping)):
+        try:
+            await asyncio.wait_for(probe(), timeout=PROBE_TIMEOUT_S)
+        except (BackendUnavailable, TimeoutError, OSError) as exc:
+            failing[name] = str(exc) or "timed out"
+    kinds = {"broker": "redis" if rt.settings.redis_url else "memory", "store": "mongodb" if rt.settings.mongodb_url else "sqlite"}
+    if failing:
+        return JSONResponse(
+            {"status": "unavailable", "failing": {f"{k} ({kinds[k]})": v for k, v in failing.items()}},
+            status_code=503,
+        )
+    return JSONResponse({"status": "ready", "leader": rt.scheduler.is_leader})
+
+
+async def metrics(request: Request) -> Response:
+    rt = runtime(request)
+    try:
+        counts = await rt.store.count_jobs_by_state()
+        for state in JOB_STATES:
+            rt.metrics.jobs.labels(state).set(counts.get(state, 0))
+        rt.metrics.queue_depth.set(await rt.broker.queue_depth())
+    except BackendUnavailable:
+        pass  # scrape what we have; /readyz says what is down
+    return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def ws_ticket(request: Request) -> Response:
+    principal = await require_principal(request)
+    rt = runtime(request)
+    ticket = await rt.tickets.issue(principal)
+    return JSONResponse({"ticket": ticket, "expires_in": rt.tickets.ttl_s}, status_code=201)
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics, methods=["GET"]),
+    Route("/api/v1/ws-tickets", ws_ticket, methods=["POST"]),
+]

@@ -1,0 +1,123 @@
+"""/api/v1/jobs: submit, list, inspect, cancel, read logs."""
+
+from __future__ import annotations
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from protocol.jobs import JOB_STATES, decode_spec_request, validation_field
+from server.api.auth import read_body, require_principal, runtime
+from server.api.errors import ApiError
+from server.api.views import job_view
+from server.backends.records import JobRecord
+from server.core.jobs import JobAlreadyFinished, JobNotFound
+from server.security.principals import Principal
+
+MAX_PAGE = 1000
+
+
+def int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(422, "invalid-parameter", f"{name} must be an integer", field=name) from None
+    if not lo <= value <= hi:
+        raise ApiError(422, "invalid-parameter", f"{name} must be between {lo} and {hi}", field=name)
+    return value
+
+
+async def visible_job(request: Request, principal: Principal) -> JobRecord:
+    try:
+        job = await runtime(request).jobs.get(request.path_params["job_id"])
+    except JobNotFound:
+        job = None
+    if job is None or not principal.may_see(job.owner):
+        raise ApiError(404, "not-found", "no such job")
+    return job
+
+
+async def submit_job(request: Request) -> Response:
+    principal = await require_principal(request)
+    rt = runtime(request)
+    body = await read_body(request, rt.settings.max_request_body_bytes)
+    try:
+        spec = decode_spec_request(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        field = validation_field(exc) if isinstance(exc, msgspec.ValidationError) else None
+        raise ApiError(422, "invalid-spec", str(exc), field=field) from None
+    job = await rt.jobs.submit(spec, principal.id)
+    return JSONResponse(job_view(job), status_code=201, headers={"Location": f"/api/v1/jobs/{job.id}"})
+
+
+async def list_jobs(request: Request) -> Response:
+    principal = await require_principal(request)
+    states = request.query_params.getlist("state")
+    for state in states:
+        if state not in JOB_STATES:
+            raise ApiError(422, "invalid-parameter", f"unknown state {state[:32]!r}", field="state")
+    limit = int_param(request, "limit", 50, 1, MAX_PAGE)
+    jobs = await runtime(request).store.list_jobs(
+        owner=None if principal.is_admin else principal.id,
+        states=states or None,
+        limit=limit,
+        before=request.query_params.get("before"),
+    )
+    return JSONResponse(
+        {"jobs": [job_view(j) for j in jobs], "next": jobs[-1].id if len(jobs) == limit else None}
+    )
+
+
+async def get_job(request: Request) -> Response:
+    principal = await require_principal(request)
+    return JSONResponse(job_view(await visible_job(request, principal)))
+
+
+async def cancel_job(request: Request) -> Response:
+    principal = await require_principal(request)
+    job = await visible_job(request, principal)
+    try:
+        job = await runtime(request).jobs.cancel(job.id, reason=f"cancelled by {principal.id}")
+    except JobAlreadyFinished as exc:
+        raise ApiError(409, "already-finished", f"job is already {exc.job.state}") from None
+    return JSONResponse(job_view(job), status_code=202)
+
+
+async def job_logs(request: Request) -> Response:
+    principal = await require_principal(request)
+    job = await visible_job(request, principal)
+    from_offset = int_param(request, "from_offset", 0, 0, 2**62)
+    limit = int_param(request, "limit", MAX_PAGE, 1, 10_000)
+    entries = await runtime(request).jobs.logs(job.id, from_offset, limit)
+    next_offset = entries[-1].offset + 1 if entries else from_offset
+    if request.query_params.get("format") == "text":
+        text = b"".join(e.data for e in entries).decode("utf-8", errors="replace")
+        return PlainTextResponse(text, headers={"X-Next-Offset": str(next_offset)})
+    return JSONResponse(
+        {
+            "entries": [
+                {
+                    "offset": e.offset,
+                    "attempt": e.attempt,
+                    "stream": e.stream,
+                    "text": e.data.decode("utf-8", errors="replace"),
+                    "ts": e.ts,
+                }
+                for e in entries
+            ],
+            "next_offset": next_offset,
+        }
+    )
+
+
+routes = [
+    Route("/api/v1/jobs", submit_job, methods=["POST"]),
+    Route("/api/v1/jobs", list_jobs, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id}", get_job, methods=["GET"]),
+    Route("/api/v1/jobs/{job_id}/cancel", cancel_job, methods=["POST"]),
+    Route("/api/v1/jobs/{job_id}/logs", job_logs, methods=["GET"]),
+]

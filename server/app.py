@@ -1,0 +1,71 @@
+"""build_app(settings) -> Starlette. The lifespan starts and stops one replica's Runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import WebSocketRoute
+
+from server.api import agents, health, jobs
+from server.api.errors import EXCEPTION_HANDLERS
+from server.backends import make_broker
+from server.backends.base import Broker, Store
+from server.backends.stores import make_store
+from server.channels.agent import agent_endpoint
+from server.channels.client import client_endpoint
+from server.observability.middleware import RequestContextMiddleware
+from server.runtime import Runtime
+from server.settings import Settings
+
+log = logging.getLogger("yardmaster.app")
+
+
+def build_app(settings: Settings, *, broker: Broker | None = None, store: Store | None = None) -> Starlette:
+    runtime = Runtime(
+        settings,
+        broker if broker is not None else make_broker(settings.redis_url),
+        store if store is not None else make_store(settings.mongodb_url, settings.data_dir),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await runtime.start()
+        if runtime.admin_key_created:
+            # Printed once, on first start; also in $YM_DATA_DIR/admin-key (0600). Never logged.
+            print(
+                f"\nYardmaster admin API key (shown once; also saved to {settings.data_dir}/admin-key):\n"
+                f"  {runtime.admin_key_created}\n",
+                flush=True,
+            )
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    routes = [
+        *health.routes,
+        *jobs.routes,
+        *agents.routes,
+        WebSocketRoute("/ws/agent", agent_endpoint),
+        WebSocketRoute("/ws/client", client_endpoint),
+    ]
+    middleware = [Middleware(RequestContextMiddleware)]
+    if settings.allowed_origins:
+        # Starlette's CORS middleware does not cover WebSockets: the client channel checks Origin itself.
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.allowed_origins),
+                allow_methods=["GET", "POST", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                expose_headers=["X-Request-ID", "X-Next-Offset"],
+            )
+        )
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers=EXCEPTION_HANDLERS, lifespan=lifespan)  # type: ignore[arg-type]
+    app.state.runtime = runtime
+    return app

@@ -1,0 +1,166 @@
+"""Connected agents: the sockets this replica holds, presence in the Broker, and command routing.
+
+The scheduler and the API never hold an agent's socket. They call `send_to_agent`, which looks up
+the agent's replica in the Broker's presence and publishes the command on that replica's channel;
+the replica that holds the socket sends it. In one process the path is the same, over MemoryBroker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Literal, Protocol
+
+import msgspec
+
+from protocol import messages as m
+from server.backends.base import BackendUnavailable, Broker, Store
+from server.observability.metrics import Metrics
+
+log = logging.getLogger("yardmaster.agents")
+
+PRESENCE_AGENT = "agent"
+PRESENCE_REPLICA = "replica"
+
+CLOSE_REVOKED = 4001
+CLOSE_SUPERSEDED = 4002
+
+
+class AgentCommand(msgspec.Struct, kw_only=True):
+    agent_id: str
+    kind: Literal["send", "revoke", "supersede"]
+    session_id: str | None = None  # supersede: the session that must go
+    message: m.ServerToAgent | None = None
+
+
+_cmd_encoder = msgspec.msgpack.Encoder()
+_cmd_decoder = msgspec.msgpack.Decoder(AgentCommand)
+
+
+class AgentLink(Protocol):
+    """What an agent channel connection offers the core."""
+
+    agent_id: str
+    session_id: str
+
+    async def send(self, msg: m.ServerToAgent) -> None: ...
+
+    async def close(self, code: int, reason: str) -> None: ...
+
+
+def replica_channel(replica_id: str) -> str:
+    return f"replica:{replica_id}"
+
+
+class AgentHub:
+    def __init__(self, broker: Broker, store: Store, metrics: Metrics, replica_id: str, lease_s: float) -> None:
+        self._broker = broker
+        self._store = store
+        self._metrics = metrics
+        self.replica_id = replica_id
+        self._presence_ttl_ms = int(lease_s * 1000)
+        self.links: dict[str, AgentLink] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        subscription = await self._broker.subscribe(replica_channel(self.replica_id))
+        self._reader = asyncio.create_task(self._read(subscription), name="agent-commands")
+
+    async def close(self, code: int = 1012, reason: str = "server restarting") -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        links, self.links = list(self.links.values()), {}
+        await asyncio.gather(*(link.close(code, reason) for link in links), return_exceptions=True)
+        for link in links:
+            await self._drop_presence(link)
+        self._metrics.agents_connected.set(0)
+
+    def _presence_value(self, link: AgentLink) -> str:
+        return f"{self.replica_id} {link.session_id}"
+
+    async def register(self, link: AgentLink) -> None:
+        """Make `link` the agent's one live connection; any older one is closed with 4002."""
+        old = self.links.get(link.agent_id)
+        self.links[link.agent_id] = link
+        self._metrics.agents_connected.set(len(self.links))
+        if old is not None and old is not link:
+            await old.close(CLOSE_SUPERSEDED, "superseded by a new connection")
+        previous = await self._broker.get_presence(PRESENCE_AGENT, link.agent_id)
+        await self._broker.set_presence(
+            PRESENCE_AGENT, link.agent_id, self._presence_value(link), self._presence_ttl_ms
+        )
+        if previous:
+            replica, _, session = previous.partition(" ")
+            if replica != self.replica_id:
+                await self._publish(
+                    replica, AgentCommand(agent_id=link.agent_id, kind="supersede", session_id=session)
+                )
+
+    async def unregister(self, link: AgentLink) -> None:
+        if self.links.get(link.agent_id) is link:
+            del self.links[link.agent_id]
+            self._metrics.agents_connected.set(len(self.links))
+        await self._drop_presence(link)
+
+    async def _drop_presence(self, link: AgentLink) -> None:
+        try:
+            await self._broker.delete_presence(
+                PRESENCE_AGENT, link.agent_id, if_value=self._presence_value(link)
+            )
+        except BackendUnavailable:
+            pass  # the entry expires by itself
+
+    async def refresh(self, link: AgentLink) -> None:
+        if self.links.get(link.agent_id) is link:
+            await self._broker.set_presence(
+                PRESENCE_AGENT, link.agent_id, self._presence_value(link), self._presence_ttl_ms
+            )
+
+    async def connected(self) -> dict[str, str]:
+        """agent id → replica id, for every agent connected to any replica."""
+        entries = await self._broker.list_presence(PRESENCE_AGENT)
+        return {agent_id: value.partition(" ")[0] for agent_id, value in entries.items()}
+
+    async def send_to_agent(self, agent_id: str, msg: m.ServerToAgent) -> bool:
+        """Route a message to the agent wherever it is connected. False if it is not connected."""
+        return await self._route(AgentCommand(agent_id=agent_id, kind="send", message=msg))
+
+    async def revoke(self, agent_id: str) -> None:
+        await self._route(AgentCommand(agent_id=agent_id, kind="revoke"))
+
+    async def _route(self, command: AgentCommand) -> bool:
+        value = await self._broker.get_presence(PRESENCE_AGENT, command.agent_id)
+        if value is None:
+            # Not connected anywhere we know of; a local socket may still exist briefly.
+            if command.agent_id in self.links:
+                await self._execute(command)
+                return True
+            return False
+        replica = value.partition(" ")[0]
+        await self._publish(replica, command)
+        return True
+
+    async def _publish(self, replica: str, command: AgentCommand) -> None:
+        await self._broker.publish(replica_channel(replica), _cmd_encoder.encode(command))
+
+    async def _read(self, subscription: object) -> None:
+        async for data in subscription:  # type: ignore[attr-defined]
+            try:
+                await self._execute(_cmd_decoder.decode(data))
+            except Exception:
+                log.exception("agent command failed")
+
+    async def _execute(self, command: AgentCommand) -> None:
+        link = self.links.get(command.agent_id)
+        if link is None:
+            return
+        if command.kind == "send" and command.message is not None:
+            await link.send(command.message)
+        elif command.kind == "revoke":
+            await link.close(CLOSE_REVOKED, "agent token revoked")
+        elif command.kind == "supersede" and command.session_id == link.session_id:
+            await link.close(CLOSE_SUPERSEDED, "superseded by a new connection")
+
+    async def touch_agent(self, agent_id: str) -> None:
+        await self._store.update_agent(agent_id, {"last_seen_at": time.time()})

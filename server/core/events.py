@@ -1,0 +1,165 @@
+"""Job events over the Broker's pub/sub, and their local fan-out.
+
+Every log entry and job-state change is encoded once as the client-channel JSON message and
+published on its topics. Each replica holds one Broker subscription per topic, shared by all of
+its local listeners, and drops it when the last listener leaves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import msgspec
+
+from protocol import messages as m
+from server.backends.base import BackendUnavailable, Broker, Subscription
+from server.backends.records import JobRecord, LogEntry
+
+log = logging.getLogger("yardmaster.events")
+
+_json = msgspec.json.Encoder()
+
+
+class EventHeader(msgspec.Struct):
+    """The part of a published event a listener needs without decoding it whole."""
+
+    type: str
+    offset: int | None = None
+
+
+_header = msgspec.json.Decoder(EventHeader)
+
+
+def job_topic(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def owner_topic(owner: str) -> str:
+    return f"jobs:{owner}"
+
+
+ALL_JOBS_TOPIC = "jobs:*"
+
+
+def log_message(entry: LogEntry) -> m.Log:
+    return m.Log(
+        job_id=entry.job_id,
+        attempt=entry.attempt,
+        offset=entry.offset,
+        stream=entry.stream,
+        text=entry.data.decode("utf-8", errors="replace"),
+    )
+
+
+def state_message(job: JobRecord) -> m.JobStateMsg:
+    return m.JobStateMsg(
+        job_id=job.id,
+        state=job.state,
+        attempt=job.attempt,
+        exit_code=job.exit_code,
+        error=job.error,
+        agent_id=job.agent_id,
+    )
+
+
+class EventPublisher:
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+
+    async def log_entry(self, entry: LogEntry) -> None:
+        await self._safe_publish(job_topic(entry.job_id), _json.encode(log_message(entry)))
+
+    async def job_state(self, job: JobRecord) -> None:
+        data = _json.encode(state_message(job))
+        for topic in (job_topic(job.id), owner_topic(job.owner), ALL_JOBS_TOPIC):
+            await self._safe_publish(topic, data)
+
+    async def _safe_publish(self, topic: str, data: bytes) -> None:
+        # Live delivery is best effort; subscribers recover anything missed from the Store.
+        try:
+            await self._broker.publish(topic, data)
+        except BackendUnavailable as exc:
+            log.warning("event not published", extra={"topic": topic, "reason": str(exc)})
+
+
+Listener = Callable[[EventHeader, bytes], None]
+
+
+class _Topic:
+    def __init__(self) -> None:
+        self.listeners: set[Listener] = set()
+        self.subscription: Subscription | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+
+class TopicHub:
+    """Local fan-out of broker topics. Listeners must not block: they queue and return."""
+
+    def __init__(self, broker: Broker) -> None:
+        self._broker = broker
+        self._topics: dict[str, _Topic] = {}
+
+    async def add(self, topic: str, listener: Listener) -> None:
+        """Register a listener; returns once events published from now on will reach it."""
+        entry = self._topics.get(topic)
+        if entry is None:
+            entry = self._topics[topic] = _Topic()
+            entry.listeners.add(listener)
+            try:
+                entry.subscription = await self._broker.subscribe(topic)
+            except BaseException:
+                entry.listeners.discard(listener)
+                if self._topics.get(topic) is entry:
+                    del self._topics[topic]
+                entry.ready.set()
+                raise
+            entry.reader = asyncio.create_task(self._read(topic, entry), name=f"topic-{topic}")
+            entry.ready.set()
+        else:
+            entry.listeners.add(listener)
+            await entry.ready.wait()
+            if entry.subscription is None:
+                entry.listeners.discard(listener)
+                raise BackendUnavailable("broker: subscription failed")
+
+    async def remove(self, topic: str, listener: Listener) -> None:
+        entry = self._topics.get(topic)
+        if entry is None:
+            return
+        entry.listeners.discard(listener)
+        if not entry.listeners and entry.ready.is_set():
+            del self._topics[topic]
+            await self._close(entry)
+
+    async def close(self) -> None:
+        topics, self._topics = self._topics, {}
+        for entry in topics.values():
+            await self._close(entry)
+
+    async def _close(self, entry: _Topic) -> None:
+        if entry.reader is not None:
+            entry.reader.cancel()
+        if entry.subscription is not None:
+            try:
+                await entry.subscription.close()
+            except Exception:  # closing a subscription on a broker that is down
+                log.debug("subscription close failed", exc_info=True)
+
+    async def _read(self, topic: str, entry: _Topic) -> None:
+        assert entry.subscription is not None
+        try:
+            async for data in entry.subscription:
+                try:
+                    header = _header.decode(data)
+                except msgspec.DecodeError:
+                    log.warning("undecodable event dropped", extra={"topic": topic})
+                    continue
+                for listener in list(entry.listeners):
+                    listener(header, data)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("topic reader failed", extra={"topic": topic})

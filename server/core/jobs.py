@@ -1,0 +1,321 @@
+"""Jobs: submission, cancellation, and what agents report. No HTTP, no WebSockets here.
+
+Every ownership-deciding change is a compare-and-set on the Store record (state, attempt and,
+for the agent's own messages, the agent id), with the target state taken from the one
+transition function in protocol.jobs. A replayed, late or stale message changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+
+from protocol import messages as m
+from protocol.jobs import (
+    TERMINAL_STATES,
+    JobEvent,
+    JobSpec,
+    result_event,
+    sources_of,
+    transition,
+)
+from server.backends.base import Broker, Store
+from server.backends.records import JobRecord, LogEntry
+from server.core.agents import AgentHub
+from server.core.events import EventPublisher
+from server.core.ids import new_id
+from server.observability.metrics import Metrics
+
+log = logging.getLogger("yardmaster.jobs")
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+class JobAlreadyFinished(RuntimeError):
+    def __init__(self, job: JobRecord) -> None:
+        super().__init__(f"job {job.id} is already {job.state}")
+        self.job = job
+
+
+@dataclass(frozen=True)
+class JobTimings:
+    lease_s: float
+    cancel_grace_s: float
+
+
+class JobService:
+    def __init__(
+        self,
+        store: Store,
+        broker: Broker,
+        events: EventPublisher,
+        agents: AgentHub,
+        metrics: Metrics,
+        timings: JobTimings,
+        wake_scheduler: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._store = store
+        self._broker = broker
+        self._events = events
+        self._agents = agents
+        self._metrics = metrics
+        self._timings = timings
+        self._wake_scheduler = wake_scheduler
+
+    # ---- users -------------------------------------------------------------------------------
+
+    async def submit(self, spec: JobSpec, owner: str) -> JobRecord:
+        now = time.time()
+        job = JobRecord(
+            id=new_id("job"),
+            owner=owner,
+            spec=spec,
+            state="queued",
+            priority=spec.priority,
+            created_at=now,
+            updated_at=now,
+            enqueued_at=now,
+        )
+        await self._store.create_job(job)
+        # If this enqueue fails, the leader's reconciliation re-enqueues every queued job.
+        await self._broker.enqueue(job.id, job.priority, job.enqueued_at)
+        self._metrics.transitions.labels("queued").inc()
+        await self._events.job_state(job)
+        self._wake_scheduler()
+        return job
+
+    async def get(self, job_id: str) -> JobRecord:
+        job = await self._store.get_job(job_id)
+        if job is None:
+            raise JobNotFound(job_id)
+        return job
+
+    async def cancel(self, job_id: str, reason: str = "cancelled by user") -> JobRecord:
+        """Queued jobs are cancelled at once; running ones go to `cancelling` until the agent confirms."""
+        for _ in range(5):  # the job may move under us; retry the compare-and-set on the new state
+            job = await self.get(job_id)
+            if job.state in TERMINAL_STATES:
+                raise JobAlreadyFinished(job)
+            if job.state == "cancelling":
+                return job
+            now = time.time()
+            new_state = transition(job.state, JobEvent.CANCEL)
+            changes: dict[str, object] = {"state": new_state, "cancel_reason": reason, "updated_at": now}
+            if new_state == "cancelled":
+                changes["finished_at"] = now
+            updated = await self._store.update_job(
+                job_id, expect_states=[job.state], expect_attempt=job.attempt, changes=changes
+            )
+            if updated is None:
+                continue
+            await self.announce(updated)
+            if new_state == "cancelled":
+                await self._broker.remove(job_id)
+            elif updated.agent_id is not None:
+                await self._agents.send_to_agent(
+                    updated.agent_id,
+                    m.Cancel(
+                        job_id=job_id,
+                        attempt=updated.attempt,
+                        reason=reason,
+                        grace_s=self._timings.cancel_grace_s,
+                    ),
+                )
+            return updated
+        raise RuntimeError(f"job {job_id} kept changing state; cancel not applied")
+
+    async def logs(self, job_id: str, from_offset: int, limit: int) -> list[LogEntry]:
+        return await self._store.read_logs(job_id, from_offset, limit)
+
+    # ---- agents ------------------------------------------------------------------------------
+
+    async def _current(self, agent_id: str, job_id: str, attempt: int) -> JobRecord | m.Error:
+        """The job if (agent, attempt) is its current attempt, else the error to send back."""
+        job = await self._store.get_job(job_id)
+        if job is None:
+            return m.Error(code=m.ERR_UNKNOWN_JOB, message="no such job", job_id=job_id, attempt=attempt)
+        if job.attempt != attempt or job.agent_id != agent_id:
+            return m.Error(
+                code=m.ERR_STALE_ATTEMPT,
+                message=f"attempt {attempt} is not the current attempt of this job on this agent",
+                job_id=job_id,
+                attempt=attempt,
+            )
+        return job
+
+    async def _transition(
+        self,
+        job: JobRecord,
+        event: JobEvent,
+        changes: dict[str, object],
+        *,
+        expect_states: Collection[str] | None = None,
+        fence_epoch: int | None = None,
+    ) -> JobRecord | None:
+        new_state = transition(job.state, event)
+        changes = {"state": new_state, "updated_at": time.time(), **changes}
+        updated = await self._store.update_job(
+            job.id,
+            expect_states=expect_states or [job.state],
+            expect_attempt=job.attempt,
+            fence_epoch=fence_epoch,
+            changes=changes,
+        )
+        if updated is not None:
+            await self.announce(updated)
+        return updated
+
+    async def announce(self, job: JobRecord) -> None:
+        self._metrics.transitions.labels(job.state).inc()
+        await self._events.job_state(job)
+
+    async def on_accept(self, agent_id: str, msg: m.JobAccept) -> list[m.ServerToAgent]:
+        job = await self._current(agent_id, msg.job_id, msg.attempt)
+        if isinstance(job, m.Error):
+            return [job]
+        if job.state == "assigned":
+            now = time.time()
+            updated = await self._transition(
+                job,
+                JobEvent.ACCEPT,
+                {"started_at": now, "runs": job.runs + 1, "lease_expires_at": now + self._timings.lease_s},
+            )
+            if updated is not None:
+                return []
+            job = await self.get(msg.job_id)
+        if job.state == "cancelling" and job.attempt == msg.attempt:
+            # The cancel crossed the assignment: say it again now that the agent runs the job.
+            return [
+                m.Cancel(
+                    job_id=job.id,
+                    attempt=job.attempt,
+                    reason=job.cancel_reason or "cancelled",
+                    grace_s=self._timings.cancel_grace_s,
+                )
+            ]
+        return []
+
+    async def on_reject(self, agent_id: str, msg: m.JobReject) -> list[m.ServerToAgent]:
+        job = await self._current(agent_id, msg.job_id, msg.attempt)
+        if isinstance(job, m.Error):
+            return [job]
+        if job.state == "assigned":
+            await self.requeue(job, JobEvent.REJECT)
+        elif job.state == "cancelling":
+            await self._transition(job, JobEvent.CANCELLED, {"finished_at": time.time(), "lease_expires_at": None})
+        return []
+
+    async def requeue(self, job: JobRecord, event: JobEvent, fence_epoch: int | None = None) -> JobRecord | None:
+        """Send the job back to the queue (keeping its FIFO position), or end it as `lost`."""
+        changes: dict[str, object] = {"lease_expires_at": None, "deadline": None}
+        new_state = transition(job.state, event)
+        if new_state == "queued":
+            changes["agent_id"] = None
+        else:
+            changes["finished_at"] = time.time()
+            if new_state == "lost":
+                changes["error"] = f"agent lost; {job.runs} of {job.spec.max_attempts} attempts used"
+        updated = await self._transition(job, event, changes, fence_epoch=fence_epoch)
+        if updated is not None and updated.state == "queued":
+            await self._broker.enqueue(updated.id, updated.priority, updated.enqueued_at)
+            self._wake_scheduler()
+        return updated
+
+    async def on_log_chunk(self, agent_id: str, msg: m.LogChunk) -> tuple[list[m.ServerToAgent], LogEntry | None]:
+        job = await self._current(agent_id, msg.job_id, msg.attempt)
+        if isinstance(job, m.Error):
+            return [job], None
+        result = await self._store.append_log(msg.job_id, msg.attempt, msg.seq, msg.stream, msg.data, msg.ts)
+        replies: list[m.ServerToAgent] = []
+        if result.entry is not None:
+            self._metrics.log_bytes.inc(len(msg.data))
+            await self._events.log_entry(result.entry)
+        elif msg.seq > result.acked_seq + 1:
+            replies.append(
+                m.Error(
+                    code=m.ERR_SEQ_GAP,
+                    message=f"expected seq {result.acked_seq + 1}, got {msg.seq}",
+                    job_id=msg.job_id,
+                    attempt=msg.attempt,
+                )
+            )
+        replies.append(m.LogAck(job_id=msg.job_id, attempt=msg.attempt, seq=result.acked_seq))
+        return replies, result.entry
+
+    async def on_result(self, agent_id: str, msg: m.Result) -> list[m.ServerToAgent]:
+        job = await self._current(agent_id, msg.job_id, msg.attempt)
+        if isinstance(job, m.Error):
+            return [job]
+        ack = m.ResultAck(job_id=msg.job_id, attempt=msg.attempt, accepted=True)
+        if job.state in TERMINAL_STATES:
+            # Accepted once already (or ended by the server): acknowledge, change nothing.
+            return [ack]
+        event = result_event(msg.state)
+        if job.state == "cancelling" and event is JobEvent.FAIL and job.cancel_reason:
+            event = JobEvent.CANCELLED  # a SIGTERM'd job exits non-zero: that is the cancel working
+        changes: dict[str, object] = {
+            "exit_code": msg.exit_code,
+            "error": msg.error,
+            "finished_at": msg.finished_at or time.time(),
+            "lease_expires_at": None,
+        }
+        if msg.started_at is not None:
+            changes["started_at"] = msg.started_at
+        updated = await self._transition(job, event, changes, expect_states=sources_of(event) & {job.state})
+        if updated is None:
+            latest = await self.get(msg.job_id)
+            if latest.attempt != msg.attempt or latest.state not in TERMINAL_STATES:
+                return [m.Error(code=m.ERR_STALE_ATTEMPT, job_id=msg.job_id, attempt=msg.attempt)]
+        return [ack]
+
+    async def on_cancel_ack(self, agent_id: str, msg: m.CancelAck) -> list[m.ServerToAgent]:
+        job = await self._current(agent_id, msg.job_id, msg.attempt)
+        if isinstance(job, m.Error):
+            return [] if job.code == m.ERR_STALE_ATTEMPT else [job]
+        if job.state == "cancelling":
+            await self._transition(job, JobEvent.CANCELLED, {"finished_at": time.time(), "lease_expires_at": None})
+        return []
+
+    async def renew_leases(self, agent_id: str, running: list[m.RunningJob]) -> list[str]:
+        if not running:
+            return []
+        until = time.time() + self._timings.lease_s
+        return await self._store.renew_leases(agent_id, [(r.job_id, r.attempt) for r in running], until)
+
+    async def resume_plan(self, agent_id: str, running: list[m.RunningJob]) -> list[m.ResumeJob]:
+        """What a (re)connecting agent keeps: its jobs whose current attempt is still its own."""
+        plan: list[m.ResumeJob] = []
+        for r in running:
+            job = await self._store.get_job(r.job_id)
+            # Leased: it runs on. Finished with an outcome: only its leftover logs still flow.
+            keep = (
+                job is not None
+                and job.agent_id == agent_id
+                and job.attempt == r.attempt
+                and job.state not in {"lost", "cancelled", "queued"}
+            )
+            acked = await self._store.acked_seq(r.job_id, r.attempt) if keep else -1
+            plan.append(m.ResumeJob(job_id=r.job_id, attempt=r.attempt, acked_seq=acked, keep=keep))
+        await self.renew_leases(agent_id, [r for r, p in zip(running, plan, strict=True) if p.keep])
+        return plan
+
+    async def cancels_for(self, agent_id: str, running: list[m.RunningJob]) -> list[m.Cancel]:
+        """Cancels the agent must hear again after a reconnect (the first may have been lost)."""
+        out: list[m.Cancel] = []
+        for r in running:
+            job = await self._store.get_job(r.job_id)
+            if job is not None and job.state == "cancelling" and job.agent_id == agent_id and job.attempt == r.attempt:
+                out.append(
+                    m.Cancel(
+                        job_id=job.id,
+                        attempt=job.attempt,
+                        reason=job.cancel_reason or "cancelled",
+                        grace_s=self._timings.cancel_grace_s,
+                    )
+                )
+        return out
+

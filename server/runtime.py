@@ -1,0 +1,99 @@
+"""One replica's components, wired together; started and stopped by the app's lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+
+from server.backends.base import BackendUnavailable, Broker, Store
+from server.core.agents import PRESENCE_REPLICA, AgentHub
+from server.core.events import EventPublisher, TopicHub
+from server.core.ids import new_id
+from server.core.jobs import JobService, JobTimings
+from server.core.scheduler import Scheduler, SchedulerTimings
+from server.observability.metrics import Metrics
+from server.security.bootstrap import ensure_admin_key
+from server.security.tickets import TicketService
+from server.settings import Settings
+
+log = logging.getLogger("yardmaster.runtime")
+
+
+class Runtime:
+    def __init__(self, settings: Settings, broker: Broker, store: Store) -> None:
+        s = settings
+        self.settings = s
+        self.broker = broker
+        self.store = store
+        self.replica_id = s.replica_id or new_id("rep")
+        self.metrics = Metrics()
+        self.events = EventPublisher(broker)
+        self.topics = TopicHub(broker)
+        self.tickets = TicketService(broker, s.ws_ticket_ttl_s)
+        self.agents = AgentHub(broker, store, self.metrics, self.replica_id, s.lease_s)
+        self.jobs = JobService(
+            store,
+            broker,
+            self.events,
+            self.agents,
+            self.metrics,
+            JobTimings(lease_s=s.lease_s, cancel_grace_s=s.cancel_grace_s),
+            wake_scheduler=self.wake_scheduler,
+        )
+        self.scheduler = Scheduler(
+            broker,
+            store,
+            self.agents,
+            self.jobs,
+            self.metrics,
+            SchedulerTimings(
+                lock_ttl_s=s.leader_lock_ttl_s,
+                renew_s=s.leader_renew_s,
+                tick_s=s.schedule_interval_s,
+                reaper_s=s.reaper_interval_s,
+                assign_ack_s=s.assign_ack_s,
+                timeout_slack_s=s.timeout_slack_s,
+                cancel_grace_s=s.cancel_grace_s,
+            ),
+            owner=self.replica_id,
+        )
+        self.admin_key_created: str | None = None
+        self._presence_task: asyncio.Task[None] | None = None
+
+    def wake_scheduler(self) -> None:
+        self.scheduler.wake()
+
+    async def start(self) -> None:
+        await self.store.start()
+        await self.broker.start()
+        self.admin_key_created = await ensure_admin_key(self.store, self.settings)
+        await self.agents.start()
+        self.scheduler.start()
+        self._presence_task = asyncio.create_task(self._announce_replica(), name="replica-presence")
+        log.info("replica started", extra={"replica_id": self.replica_id})
+
+    async def stop(self) -> None:
+        """Graceful shutdown: release the lock, send agents elsewhere (1012), close state."""
+        if self._presence_task is not None:
+            self._presence_task.cancel()
+        await self.scheduler.stop()
+        await self.agents.close(1012, "server restarting")
+        await self.topics.close()
+        try:
+            await self.broker.delete_presence(PRESENCE_REPLICA, self.replica_id)
+        except BackendUnavailable:
+            pass
+        await self.broker.close()
+        await self.store.close()
+
+    async def _announce_replica(self) -> None:
+        info = f"{socket.gethostname()} {os.getpid()}"
+        ttl_ms = int(self.settings.lease_s * 1000)
+        while True:
+            try:
+                await self.broker.set_presence(PRESENCE_REPLICA, self.replica_id, info, ttl_ms)
+            except BackendUnavailable:
+                pass
+            await asyncio.sleep(self.settings.heartbeat_interval_s / 2)

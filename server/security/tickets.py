@@ -1,0 +1,39 @@
+"""Short-lived, single-use tickets for browser WebSockets (which cannot send headers).
+
+Kept in the Broker's presence with a TTL, so any replica can redeem a ticket another issued;
+`delete_presence(if_value=...)` makes redeeming atomic: only one redeemer wins.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import msgspec
+
+from server.backends.base import Broker
+from server.security import tokens
+from server.security.principals import Principal
+
+_KIND = "ws-ticket"
+
+
+class TicketService:
+    def __init__(self, broker: Broker, ttl_s: float) -> None:
+        self._broker = broker
+        self.ttl_s = ttl_s
+
+    async def issue(self, principal: Principal) -> str:
+        ticket = "ymt_" + secrets.token_urlsafe(32)
+        await self._broker.set_presence(
+            _KIND, tokens.token_hash(ticket), msgspec.json.encode(principal).decode(), int(self.ttl_s * 1000)
+        )
+        return ticket
+
+    async def redeem(self, ticket: str) -> Principal | None:
+        if not ticket.startswith("ymt_") or len(ticket) > 100:
+            return None
+        key = tokens.token_hash(ticket)
+        value = await self._broker.get_presence(_KIND, key)
+        if value is None or not await self._broker.delete_presence(_KIND, key, if_value=value):
+            return None
+        return msgspec.json.decode(value, type=Principal)
