@@ -1,0 +1,1 @@
+"""Shared test support: real components started and stopped by the test suite."""
