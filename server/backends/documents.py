@@ -1,0 +1,76 @@
+"""What every Store shares: records to and from plain documents, and the pure parts of
+compare-and-set (the state/attempt check and applying validated changes).
+
+Documents are what `msgspec.to_builtins` makes of a record, with bytes kept as bytes (BSON and
+our SQLite columns store them natively). JSON text (for SQLite `doc` columns) comes from the
+same structs through msgspec.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from functools import cache
+from typing import Any, TypeVar
+
+import msgspec
+
+from server.backends.records import JobRecord
+
+T = TypeVar("T", bound=msgspec.Struct)
+
+_BUILTIN_TYPES = (bytes,)
+
+
+def to_document(rec: msgspec.Struct) -> dict[str, Any]:
+    doc = msgspec.to_builtins(rec, builtin_types=_BUILTIN_TYPES)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def from_document(doc: Mapping[str, Any], cls: type[T]) -> T:
+    """Unknown keys (Mongo's `_id`, counters, TTL fields) are ignored."""
+    return msgspec.convert(dict(doc), cls)
+
+
+def to_json(rec: msgspec.Struct) -> bytes:
+    return msgspec.json.encode(rec)
+
+
+def from_json(data: bytes | str, cls: type[T]) -> T:
+    return msgspec.json.decode(data, type=cls)
+
+
+@cache
+def _field_types(cls: type[msgspec.Struct]) -> dict[str, Any]:
+    return {f.name: f.type for f in msgspec.structs.fields(cls)}
+
+
+def change_document(cls: type[msgspec.Struct], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """Validate `changes` against the fields of `cls` and return them as document values.
+
+    Raises ValueError for an unknown field name and msgspec.ValidationError (a ValueError too)
+    for a value of the wrong type, so a bad change never reaches storage."""
+    types = _field_types(cls)
+    out: dict[str, Any] = {}
+    for name, value in changes.items():
+        if name not in types:
+            raise ValueError(f"{cls.__name__} has no field {name!r}")
+        builtin = msgspec.to_builtins(value, builtin_types=_BUILTIN_TYPES)
+        msgspec.convert(builtin, types[name])  # validation only
+        out[name] = builtin
+    return out
+
+
+def apply_changes(rec: T, changes: Mapping[str, Any]) -> T:
+    """A copy of `rec` with `changes` applied (validated as in `change_document`)."""
+    cls = type(rec)
+    types = _field_types(cls)
+    values = {name: msgspec.convert(v, types[name]) for name, v in change_document(cls, changes).items()}
+    return msgspec.structs.replace(rec, **values)
+
+
+def matches(rec: JobRecord, expect_states: Collection[str], expect_attempt: int | None) -> bool:
+    """The compare part of compare-and-set on a job."""
+    if rec.state not in expect_states:
+        return False
+    return expect_attempt is None or rec.attempt == expect_attempt

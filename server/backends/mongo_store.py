@@ -1,0 +1,374 @@
+"""MongoStore: the scale-out Store, on PyMongo's native async API.
+
+Documents are the records themselves (documents.py), with `_id` = the record id. Job documents
+also carry `log_next_offset`, the per-job log offset counter, which is not a record field.
+
+Fencing without multi-document transactions
+-------------------------------------------
+A fenced `update_job` is two single-document atomic operations:
+
+1. on `meta/fence`: `$max` the recorded epoch with ours and read it back; if a higher epoch is
+   recorded, the change fails (a deposed leader is refused from then on);
+2. on the job: compare-and-set with a filter on state/attempt *and* `epoch <= ours`, setting
+   `epoch` to ours.
+
+Step 2 guarantees that once a newer leader has changed a job, no older leader can change that
+job again. What it cannot guarantee is the window between steps 1 and 2: an old leader that
+passed step 1 just before a new leader's `advance_fence` may still complete one change on a job
+the new leader has not touched yet. That change is still a valid compare-and-set on the job's
+state and attempt, so it cannot double-assign a job (the new leader's own CAS then fails);
+it is only "late". Closing the window entirely needs a multi-document transaction (replica set
+only), which this store does not require.
+
+Log retention: with `log_retention_s`, each chunk gets `expires_at` (server time + retention)
+and a TTL index removes it after that. Offsets come from the job's counter, so they stay
+monotonic after expiry; if *every* chunk of an attempt has expired, `acked_seq` for that attempt
+falls back to -1.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from datetime import UTC, datetime
+from typing import Any, ParamSpec, TypeVar
+
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+
+from protocol.jobs import LEASED_STATES
+from server.backends.base import BackendUnavailable
+from server.backends.documents import change_document, from_document, to_document
+from server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Doc = dict[str, Any]
+
+_LEASED = sorted(LEASED_STATES)
+_AFTER = ReturnDocument.AFTER
+_FENCE = "fence"
+
+
+def _unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Report an unreachable server as BackendUnavailable (other errors pass through)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except ConnectionFailure as exc:
+            raise BackendUnavailable(f"MongoDB store: {exc}") from exc
+
+    return wrapper
+
+
+def _with_id(rec: Any) -> Doc:
+    doc = to_document(rec)
+    doc["_id"] = rec.id
+    return doc
+
+
+class MongoStore:
+    def __init__(
+        self,
+        url: str,
+        database: str = "yardmaster",
+        *,
+        log_retention_s: int | None = None,
+        server_selection_timeout_ms: int = 10_000,
+    ) -> None:
+        self.url = url
+        self.database = database
+        self.log_retention_s = log_retention_s
+        self._timeout_ms = server_selection_timeout_ms
+        self._client: AsyncMongoClient[Doc] | None = None
+        self._db: AsyncDatabase[Doc] | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    @_unavailable
+    async def start(self) -> None:
+        self._client = AsyncMongoClient(self.url, serverSelectionTimeoutMS=self._timeout_ms)
+        self._db = self._client[self.database]
+        await self._c("api_keys").create_index("token_hash", unique=True)
+        await self._c("api_keys").create_index([("owner", ASCENDING), ("_id", ASCENDING)])
+        await self._c("agents").create_index("token_hash", unique=True)
+        jobs = self._c("jobs")
+        await jobs.create_index([("owner", ASCENDING), ("_id", DESCENDING)])
+        await jobs.create_index([("state", ASCENDING), ("_id", DESCENDING)])
+        await jobs.create_index([("agent_id", ASCENDING), ("state", ASCENDING)])
+        await jobs.create_index([("state", ASCENDING), ("lease_expires_at", ASCENDING)])
+        await jobs.create_index([("state", ASCENDING), ("deadline", ASCENDING)])
+        logs = self._c("logs")
+        await logs.create_index([("job_id", ASCENDING), ("offset", ASCENDING)], unique=True)
+        await logs.create_index([("job_id", ASCENDING), ("attempt", ASCENDING), ("seq", ASCENDING)], unique=True)
+        # Chunks without `expires_at` (no retention configured) never expire.
+        await logs.create_index("expires_at", expireAfterSeconds=0)
+        try:
+            await self._c("meta").update_one({"_id": _FENCE}, {"$setOnInsert": {"epoch": 0}}, upsert=True)
+        except DuplicateKeyError:
+            pass  # another replica created it at the same moment
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+            self._db = None
+
+    async def ping(self) -> None:
+        try:
+            if self._client is None:
+                raise BackendUnavailable("MongoDB store is not started")
+            await self._client.admin.command("ping")
+        except PyMongoError as exc:
+            raise BackendUnavailable(f"MongoDB store: {exc}") from exc
+
+    def _c(self, name: str) -> AsyncCollection[Doc]:
+        if self._db is None:
+            raise BackendUnavailable("MongoDB store is not started")
+        return self._db[name]
+
+    # -- API keys ---------------------------------------------------------------------------------
+    @_unavailable
+    async def put_api_key(self, rec: ApiKeyRecord) -> None:
+        try:
+            await self._c("api_keys").replace_one({"_id": rec.id}, _with_id(rec), upsert=True)
+        except DuplicateKeyError as exc:
+            raise ValueError(f"api key token_hash already in use: {exc}") from exc
+
+    @_unavailable
+    async def get_api_key_by_hash(self, token_hash: str) -> ApiKeyRecord | None:
+        doc = await self._c("api_keys").find_one({"token_hash": token_hash})
+        return from_document(doc, ApiKeyRecord) if doc else None
+
+    @_unavailable
+    async def list_api_keys(self, owner: str | None = None) -> list[ApiKeyRecord]:
+        query: Doc = {} if owner is None else {"owner": owner}
+        docs = await self._c("api_keys").find(query).sort("_id", ASCENDING).to_list(None)
+        return [from_document(d, ApiKeyRecord) for d in docs]
+
+    @_unavailable
+    async def revoke_api_key(self, key_id: str, at: float) -> ApiKeyRecord | None:
+        return await self._revoke("api_keys", key_id, at, ApiKeyRecord)
+
+    @_unavailable
+    async def touch_api_key(self, key_id: str, at: float) -> None:
+        await self._c("api_keys").update_one({"_id": key_id}, {"$max": {"last_used_at": float(at)}})
+
+    async def _revoke(self, coll: str, key: str, at: float, cls: type[R]) -> R | None:
+        doc = await self._c(coll).find_one_and_update(
+            {"_id": key, "revoked_at": None}, {"$set": {"revoked_at": float(at)}}, return_document=_AFTER
+        )
+        if doc is None:
+            doc = await self._c(coll).find_one({"_id": key})
+        return from_document(doc, cls) if doc else None  # type: ignore[type-var]
+
+    # -- agents -----------------------------------------------------------------------------------
+    @_unavailable
+    async def put_agent(self, rec: AgentRecord) -> None:
+        try:
+            await self._c("agents").replace_one({"_id": rec.id}, _with_id(rec), upsert=True)
+        except DuplicateKeyError as exc:
+            raise ValueError(f"agent token_hash already in use: {exc}") from exc
+
+    @_unavailable
+    async def get_agent(self, agent_id: str) -> AgentRecord | None:
+        doc = await self._c("agents").find_one({"_id": agent_id})
+        return from_document(doc, AgentRecord) if doc else None
+
+    @_unavailable
+    async def get_agent_by_token_hash(self, token_hash: str) -> AgentRecord | None:
+        doc = await self._c("agents").find_one({"token_hash": token_hash})
+        return from_document(doc, AgentRecord) if doc else None
+
+    @_unavailable
+    async def list_agents(self) -> list[AgentRecord]:
+        docs = await self._c("agents").find({}).sort("_id", ASCENDING).to_list(None)
+        return [from_document(d, AgentRecord) for d in docs]
+
+    @_unavailable
+    async def update_agent(self, agent_id: str, changes: Mapping[str, Any]) -> AgentRecord | None:
+        if "id" in changes:
+            raise ValueError("an agent's id cannot change")
+        update = change_document(AgentRecord, changes)
+        agents = self._c("agents")
+        if update:
+            doc = await agents.find_one_and_update({"_id": agent_id}, {"$set": update}, return_document=_AFTER)
+        else:
+            doc = await agents.find_one({"_id": agent_id})
+        return from_document(doc, AgentRecord) if doc else None
+
+    @_unavailable
+    async def revoke_agent(self, agent_id: str, at: float) -> AgentRecord | None:
+        return await self._revoke("agents", agent_id, at, AgentRecord)
+
+    # -- jobs -------------------------------------------------------------------------------------
+    @_unavailable
+    async def create_job(self, rec: JobRecord) -> None:
+        try:
+            await self._c("jobs").insert_one(_with_id(rec))
+        except DuplicateKeyError as exc:
+            raise ValueError(f"job {rec.id!r} already exists") from exc
+
+    @_unavailable
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        doc = await self._c("jobs").find_one({"_id": job_id})
+        return from_document(doc, JobRecord) if doc else None
+
+    @_unavailable
+    async def list_jobs(
+        self,
+        *,
+        owner: str | None = None,
+        states: Collection[str] | None = None,
+        agent_id: str | None = None,
+        limit: int = 100,
+        before: str | None = None,
+    ) -> list[JobRecord]:
+        if limit <= 0:
+            return []  # Mongo's limit(0) means "no limit"
+        query: Doc = {}
+        if owner is not None:
+            query["owner"] = owner
+        if states is not None:
+            query["state"] = {"$in": list(states)}
+        if agent_id is not None:
+            query["agent_id"] = agent_id
+        if before is not None:
+            query["_id"] = {"$lt": before}
+        docs = await self._c("jobs").find(query).sort("_id", DESCENDING).limit(limit).to_list(None)
+        return [from_document(d, JobRecord) for d in docs]
+
+    @_unavailable
+    async def update_job(
+        self,
+        job_id: str,
+        *,
+        expect_states: Collection[str],
+        expect_attempt: int | None = None,
+        fence_epoch: int | None = None,
+        changes: Mapping[str, Any],
+    ) -> JobRecord | None:
+        if "id" in changes:
+            raise ValueError("a job's id cannot change")
+        if fence_epoch is not None:
+            changes = {**changes, "epoch": fence_epoch}
+        update = change_document(JobRecord, changes)
+        query: Doc = {"_id": job_id, "state": {"$in": list(expect_states)}}
+        if expect_attempt is not None:
+            query["attempt"] = expect_attempt
+        if fence_epoch is not None:
+            if await self.advance_fence(fence_epoch) > fence_epoch:
+                return None
+            query["epoch"] = {"$lte": fence_epoch}
+        jobs = self._c("jobs")
+        if update:
+            doc = await jobs.find_one_and_update(query, {"$set": update}, return_document=_AFTER)
+        else:
+            doc = await jobs.find_one(query)
+        return from_document(doc, JobRecord) if doc else None
+
+    @_unavailable
+    async def advance_fence(self, epoch: int) -> int:
+        doc = await self._c("meta").find_one_and_update(
+            {"_id": _FENCE}, {"$max": {"epoch": epoch}}, upsert=True, return_document=_AFTER
+        )
+        assert doc is not None  # upsert with AFTER always returns the document
+        return int(doc["epoch"])
+
+    @_unavailable
+    async def jobs_with_expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
+        return await self._leased_before("lease_expires_at", now, limit)
+
+    @_unavailable
+    async def jobs_past_deadline(self, now: float, limit: int = 100) -> list[JobRecord]:
+        return await self._leased_before("deadline", now, limit)
+
+    async def _leased_before(self, field: str, now: float, limit: int) -> list[JobRecord]:
+        if limit <= 0:
+            return []
+        # `$lt` on a number never matches null, so jobs without the field are left out.
+        query = {"state": {"$in": _LEASED}, field: {"$lt": now}}
+        docs = await self._c("jobs").find(query).sort(field, ASCENDING).limit(limit).to_list(None)
+        return [from_document(d, JobRecord) for d in docs]
+
+    @_unavailable
+    async def count_jobs_by_state(self) -> dict[str, int]:
+        cursor = await self._c("jobs").aggregate([{"$group": {"_id": "$state", "n": {"$sum": 1}}}])
+        return {d["_id"]: int(d["n"]) for d in await cursor.to_list(None)}
+
+    @_unavailable
+    async def active_job_counts(self) -> dict[str, int]:
+        pipeline: list[Doc] = [
+            {"$match": {"state": {"$in": _LEASED}, "agent_id": {"$ne": None}}},
+            {"$group": {"_id": "$agent_id", "n": {"$sum": 1}}},
+        ]
+        cursor = await self._c("jobs").aggregate(pipeline)
+        return {d["_id"]: int(d["n"]) for d in await cursor.to_list(None)}
+
+    @_unavailable
+    async def renew_leases(self, agent_id: str, jobs: Collection[tuple[str, int]], until: float) -> list[str]:
+        renewed: list[str] = []
+        coll = self._c("jobs")
+        for job_id, attempt in jobs:
+            query = {"_id": job_id, "agent_id": agent_id, "attempt": attempt, "state": {"$in": _LEASED}}
+            result = await coll.update_one(query, {"$max": {"lease_expires_at": float(until)}})
+            if result.matched_count:
+                renewed.append(job_id)
+        return renewed
+
+    # -- logs -------------------------------------------------------------------------------------
+    @_unavailable
+    async def append_log(
+        self, job_id: str, attempt: int, seq: int, stream: str, data: bytes, ts: float
+    ) -> AppendResult:
+        acked = await self.acked_seq(job_id, attempt)
+        if seq != acked + 1:
+            return AppendResult(entry=None, acked_seq=acked)
+        counter = await self._c("jobs").find_one_and_update(
+            {"_id": job_id}, {"$inc": {"log_next_offset": 1}}, projection={"log_next_offset": 1}, return_document=_AFTER
+        )
+        if counter is None:
+            return AppendResult(entry=None, acked_seq=-1)
+        doc: Doc = {
+            "job_id": job_id,
+            "offset": int(counter["log_next_offset"]) - 1,
+            "attempt": attempt,
+            "seq": seq,
+            "stream": stream,
+            "data": bytes(data),
+            "ts": float(ts),
+        }
+        entry = from_document(doc, LogEntry)
+        if self.log_retention_s is not None:
+            doc["expires_at"] = datetime.fromtimestamp(time.time() + self.log_retention_s, tz=UTC)
+        try:
+            await self._c("logs").insert_one(doc)
+        except DuplicateKeyError:
+            # A concurrent copy of the same chunk won; this offset stays unused (a harmless gap).
+            return AppendResult(entry=None, acked_seq=await self.acked_seq(job_id, attempt))
+        return AppendResult(entry=entry, acked_seq=seq)
+
+    @_unavailable
+    async def read_logs(self, job_id: str, from_offset: int = 0, limit: int = 1000) -> list[LogEntry]:
+        if limit <= 0:
+            return []
+        query = {"job_id": job_id, "offset": {"$gte": from_offset}}
+        docs = await self._c("logs").find(query).sort("offset", ASCENDING).limit(limit).to_list(None)
+        return [from_document(d, LogEntry) for d in docs]
+
+    @_unavailable
+    async def acked_seq(self, job_id: str, attempt: int) -> int:
+        # Seqs are stored only contiguously, so the highest stored seq is the acked one.
+        doc = await self._c("logs").find_one(
+            {"job_id": job_id, "attempt": attempt}, projection={"seq": 1}, sort=[("seq", DESCENDING)]
+        )
+        return -1 if doc is None else int(doc["seq"])
+
+    @_unavailable
+    async def next_log_offset(self, job_id: str) -> int:
+        doc = await self._c("jobs").find_one({"_id": job_id}, projection={"log_next_offset": 1})
+        return 0 if doc is None else int(doc.get("log_next_offset", 0))

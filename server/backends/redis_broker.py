@@ -1,0 +1,563 @@
+"""RedisBroker: the scale-out Broker on redis.asyncio (plain, TLS, unix socket or Sentinel).
+
+Every method raises BackendUnavailable("redis: ...") within a few seconds when Redis is down.
+Pub/sub uses one dedicated connection per broker with one reader task; it reconnects by itself
+and re-subscribes every channel that still has local subscriptions. Messages published while
+that connection is down are missed (Redis pub/sub keeps nothing): callers recover from the Store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from server.backends.base import BackendUnavailable, queue_score
+from server.backends.memory_broker import DEFAULT_SUBSCRIPTION_BUFFER, QueueSubscription
+
+log = logging.getLogger(__name__)
+
+SOCKET_TIMEOUT_S = 2.0
+HEALTH_CHECK_INTERVAL_S = 5.0  # also the pub/sub liveness probe period
+RECONNECT_BACKOFF_S = (0.1, 1.0)  # pub/sub reader: first and largest delay between attempts
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+# -- Lua ------------------------------------------------------------------------------------------
+# Scripts that touch keys not listed in KEYS (presence listing, rate limits) are fine on a single
+# node or Sentinel setup, which is all RedisBroker supports.
+
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  return redis.call('INCR', KEYS[2])
+end
+return false
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: entry, index. ARGV: value, ttl_ms, member. Index score = expiry time (server clock).
+_SET_PRESENCE = (
+    _NOW_MS
+    + """
+local ttl = tonumber(ARGV[2])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ttl)
+redis.call('ZADD', KEYS[2], now + ttl, ARGV[3])
+if redis.call('PTTL', KEYS[2]) < ttl then redis.call('PEXPIRE', KEYS[2], ttl) end
+return 1
+"""
+)
+
+# KEYS: index. ARGV: entry key prefix. Drops expired and deleted members from the index.
+_LIST_PRESENCE = (
+    _NOW_MS
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local out = {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local v = redis.call('GET', ARGV[1] .. m)
+  if v then
+    out[#out + 1] = m
+    out[#out + 1] = v
+  else
+    redis.call('ZREM', KEYS[1], m)
+  end
+end
+return out
+"""
+)
+
+# KEYS: entry, index. ARGV: member, conditional ('1'/'0'), expected value.
+_DELETE_PRESENCE = """
+local v = redis.call('GET', KEYS[1])
+if not v then return 0 end
+if ARGV[2] == '1' and v ~= ARGV[3] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
+# ARGV: key base, window_s. The window index comes from the server clock so that every replica
+# agrees on window boundaries.
+_HIT = """
+local t = redis.call('TIME')
+local w = tonumber(ARGV[2])
+local k = ARGV[1] .. ':' .. string.format('%d', math.floor(tonumber(t[1]) / w))
+local n = redis.call('INCR', k)
+if n == 1 then redis.call('PEXPIRE', k, w * 1000 + 1000) end
+return n
+"""
+
+
+# -- URLs and errors ------------------------------------------------------------------------------
+def redact_url(url: str) -> str:
+    """The URL with its password replaced by ***."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    creds, _, hosts = parts.netloc.rpartition("@")
+    if ":" in creds:
+        creds = creds.split(":", 1)[0] + ":***"
+    return parts._replace(netloc=f"{creds}@{hosts}").geturl()
+
+
+def _url_secrets(url: str) -> list[str]:
+    parts = urlsplit(url)
+    secrets = []
+    if "@" in parts.netloc:
+        creds = parts.netloc.rpartition("@")[0]
+        if ":" in creds:
+            secrets.append(creds.split(":", 1)[1])
+    for key in ("password", "sentinel_password"):
+        secrets.extend(parse_qs(parts.query).get(key, []))
+    return [s for s in secrets + [unquote(s) for s in secrets] if s]
+
+
+def _parse_hostport(item: str, default_port: int) -> tuple[str, int]:
+    if item.startswith("["):  # [ipv6]:port
+        host, _, rest = item[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default_port
+    host, sep, port = item.rpartition(":")
+    return (host, int(port)) if sep else (item, default_port)
+
+
+class _SentinelConfig:
+    def __init__(self, url: str, master: str | None) -> None:
+        parts = urlsplit(url)
+        query = parse_qs(parts.query)
+        creds, _, hosts = parts.netloc.rpartition("@")
+        username, _, password = creds.partition(":")
+        self.username = unquote(username) or None
+        self.password = unquote(password) or None
+        self.hosts = [_parse_hostport(h, 26379) for h in hosts.split(",") if h]
+        path = parts.path.strip("/")
+        self.db = int(path) if path else int(query.get("db", ["0"])[0])
+        self.master = master or query.get("master", [""])[0]
+        self.sentinel_password = query.get("sentinel_password", [None])[0]
+        if not self.master:
+            raise ValueError("redis+sentinel URL needs ?master=NAME (or sentinel_master=)")
+        if not self.hosts:
+            raise ValueError("redis+sentinel URL needs at least one sentinel host:port")
+
+
+def _redis_errors(
+    fn: Callable[Concatenate[RedisBroker, _P], Awaitable[_T]],
+) -> Callable[Concatenate[RedisBroker, _P], Awaitable[_T]]:
+    @functools.wraps(fn)
+    async def wrapper(self: RedisBroker, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return await fn(self, *args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError, asyncio.TimeoutError) as e:
+            # ReadOnlyError: we are talking to a replica (e.g. during a Sentinel failover).
+            raise BackendUnavailable(self.reason(e)) from None
+
+    return wrapper
+
+
+# -- the broker ---------------------------------------------------------------------------------------
+class RedisBroker:
+    """URL forms: redis://[user:pass@]host:port/db, rediss://... (TLS), unix:///path.sock?db=N,
+    and Sentinel: redis+sentinel://[user:pass@]host:port[,host2:port2]/db?master=NAME
+    [&sentinel_password=...] (user/pass are the master's). With `sentinel_master`, the URL's
+    hosts are taken as Sentinels whatever the scheme.
+
+    Keys live under `key_prefix`: queue, lock:<name>, epoch:<name>, presence:<kind>:<member>,
+    presence-index:<kind>, rl:<key>:<window>, and channels ch:<channel>. Epoch keys have no TTL:
+    fencing needs them to survive, so run Redis with persistence (AOF) if it may restart.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key_prefix: str = "ym:",
+        sentinel_master: str | None = None,
+        subscription_buffer: int = DEFAULT_SUBSCRIPTION_BUFFER,
+    ) -> None:
+        self.url = redact_url(url)
+        self._secrets = _url_secrets(url)
+        self._prefix = key_prefix
+        self._queue_key = f"{key_prefix}queue"
+        common: dict[str, Any] = {
+            "socket_connect_timeout": SOCKET_TIMEOUT_S,
+            "socket_timeout": SOCKET_TIMEOUT_S,
+            "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+            # One quick retry on a fresh connection, so the first command after a Redis restart
+            # does not fail on a stale pooled socket. Never retried on timeouts: the command may
+            # have run (INCR, lock acquisition).
+            "retry": Retry(ExponentialBackoff(cap=0.1, base=0.02), 1, supported_errors=(RedisConnectionError,)),
+        }
+        scheme = urlsplit(url).scheme
+        if scheme != "unix":  # unix socket connections reject TCP options
+            common["socket_keepalive"] = True
+        self._sentinel: Sentinel | None = None
+        if scheme == "redis+sentinel" or sentinel_master is not None:
+            cfg = _SentinelConfig(url, sentinel_master)
+            if cfg.sentinel_password:
+                self._secrets.append(cfg.sentinel_password)
+            sentinel_kwargs = {k: v for k, v in common.items() if k.startswith("socket_")}
+            if cfg.sentinel_password:
+                sentinel_kwargs["password"] = cfg.sentinel_password
+            self._sentinel = Sentinel(cfg.hosts, sentinel_kwargs=sentinel_kwargs)
+            self._redis: aioredis.Redis = self._sentinel.master_for(
+                cfg.master, username=cfg.username, password=cfg.password, db=cfg.db, **common
+            )
+        else:
+            self._redis = aioredis.from_url(url, **common)
+        self._acquire = self._redis.register_script(_ACQUIRE)
+        self._renew = self._redis.register_script(_RENEW)
+        self._release = self._redis.register_script(_RELEASE)
+        self._set_presence = self._redis.register_script(_SET_PRESENCE)
+        self._list_presence = self._redis.register_script(_LIST_PRESENCE)
+        self._delete_presence = self._redis.register_script(_DELETE_PRESENCE)
+        self._hit = self._redis.register_script(_HIT)
+        self._hub = _PubSubHub(self._redis, subscription_buffer, self.reason)
+
+    def reason(self, e: BaseException) -> str:
+        """'redis: <what went wrong>', with any password from the URL scrubbed."""
+        text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return f"redis: {text}"
+
+    def __repr__(self) -> str:
+        return f"RedisBroker({self.url!r}, key_prefix={self._prefix!r})"
+
+    async def start(self) -> None:
+        """Check that Redis answers (raises BackendUnavailable otherwise)."""
+        await self.ping()
+
+    async def close(self) -> None:
+        await self._hub.close()
+        await self._redis.aclose()
+        if self._sentinel is not None:
+            for s in self._sentinel.sentinels:
+                await s.aclose()
+
+    @_redis_errors
+    async def ping(self) -> None:
+        await self._redis.ping()
+
+    # -- job queue -------------------------------------------------------------------------------
+    @_redis_errors
+    async def enqueue(self, job_id: str, priority: int, enqueued_at: float) -> None:
+        await self._redis.zadd(self._queue_key, {job_id: queue_score(priority, enqueued_at)}, nx=True)
+
+    @_redis_errors
+    async def peek(self, limit: int) -> list[str]:
+        if limit <= 0:
+            return []
+        return [m.decode() for m in await self._redis.zrange(self._queue_key, 0, limit - 1)]
+
+    @_redis_errors
+    async def remove(self, job_id: str) -> bool:
+        return bool(await self._redis.zrem(self._queue_key, job_id))
+
+    @_redis_errors
+    async def is_queued(self, job_id: str) -> bool:
+        return await self._redis.zscore(self._queue_key, job_id) is not None
+
+    @_redis_errors
+    async def queue_depth(self) -> int:
+        return int(await self._redis.zcard(self._queue_key))
+
+    # -- leader lock -------------------------------------------------------------------------------
+    def _lock_keys(self, name: str) -> list[str]:
+        return [f"{self._prefix}lock:{name}", f"{self._prefix}epoch:{name}"]
+
+    @_redis_errors
+    async def acquire_lock(self, name: str, owner: str, ttl_ms: int) -> int | None:
+        epoch = await self._acquire(keys=self._lock_keys(name), args=[owner, int(ttl_ms)])
+        return None if epoch is None else int(epoch)
+
+    @_redis_errors
+    async def renew_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        return bool(await self._renew(keys=self._lock_keys(name)[:1], args=[owner, int(ttl_ms)]))
+
+    @_redis_errors
+    async def release_lock(self, name: str, owner: str) -> bool:
+        return bool(await self._release(keys=self._lock_keys(name)[:1], args=[owner]))
+
+    @_redis_errors
+    async def lock_holder(self, name: str) -> tuple[str | None, int]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            holder, epoch = await pipe.get(self._lock_keys(name)[0]).get(self._lock_keys(name)[1]).execute()
+        return (holder.decode() if holder is not None else None), int(epoch or 0)
+
+    # -- presence ------------------------------------------------------------------------------------
+    def _presence_keys(self, kind: str, member: str) -> list[str]:
+        return [f"{self._prefix}presence:{kind}:{member}", f"{self._prefix}presence-index:{kind}"]
+
+    @_redis_errors
+    async def set_presence(self, kind: str, member: str, value: str, ttl_ms: int) -> None:
+        await self._set_presence(keys=self._presence_keys(kind, member), args=[value, int(ttl_ms), member])
+
+    @_redis_errors
+    async def get_presence(self, kind: str, member: str) -> str | None:
+        value = await self._redis.get(self._presence_keys(kind, member)[0])
+        return None if value is None else value.decode()
+
+    @_redis_errors
+    async def list_presence(self, kind: str) -> dict[str, str]:
+        flat = await self._list_presence(
+            keys=[f"{self._prefix}presence-index:{kind}"], args=[f"{self._prefix}presence:{kind}:"]
+        )
+        return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
+
+    @_redis_errors
+    async def delete_presence(self, kind: str, member: str, if_value: str | None = None) -> bool:
+        args = [member, "0" if if_value is None else "1", if_value or ""]
+        return bool(await self._delete_presence(keys=self._presence_keys(kind, member), args=args))
+
+    # -- pub/sub ---------------------------------------------------------------------------------------
+    @_redis_errors
+    async def publish(self, channel: str, data: bytes) -> None:
+        await self._redis.publish(f"{self._prefix}ch:{channel}", data)
+
+    @_redis_errors
+    async def subscribe(self, channel: str) -> QueueSubscription:
+        return await self._hub.subscribe(f"{self._prefix}ch:{channel}", channel)
+
+    # -- rate limits -----------------------------------------------------------------------------------
+    @_redis_errors
+    async def hit(self, key: str, window_s: int) -> int:
+        return int(await self._hit(keys=[], args=[f"{self._prefix}rl:{key}", int(window_s)]))
+
+
+class _PubSubHub:
+    """One pub/sub connection shared by all local subscriptions of a broker.
+
+    Redis SUBSCRIBEs a channel once, however many local subscriptions it has, and UNSUBSCRIBEs
+    when the last one closes. The reader task owns (re)connecting; other tasks only write
+    SUBSCRIBE/UNSUBSCRIBE on the connection while it is up.
+    """
+
+    def __init__(self, client: aioredis.Redis, buffer: int, reason: Callable[[BaseException], str]) -> None:
+        self._pool = client.connection_pool
+        self._buffer = buffer
+        self._reason = reason
+        self._subs: dict[str, set[QueueSubscription]] = {}  # redis channel -> local subscriptions
+        # SUBSCRIBEs sent on the current connection and not yet confirmed, per channel. Replies
+        # come in order, so a channel is confirmed when its count drops back to zero.
+        self._pending: dict[str, int] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._conn: AbstractConnection | None = None  # set only while up and subscribed
+        self._state = "connecting"  # connecting | up | down
+        self._last_error = "redis: not connected yet"
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._bg: set[asyncio.Task[None]] = set()
+        self._unsubscribing: dict[str, asyncio.Task[None]] = {}
+
+    async def subscribe(self, key: str, channel: str) -> QueueSubscription:
+        await self._wait_up()
+        sub = QueueSubscription(channel, self._buffer, functools.partial(self._detach, key), self._on_close(key))
+        subs = self._subs.get(key)
+        if subs is not None and key not in self._pending:
+            subs.add(sub)  # Redis already confirmed this channel on the live connection
+            return sub
+        self._subs.setdefault(key, set()).add(sub)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(key, []).append(fut)
+        try:
+            if subs is None:
+                # Counted before the write: the reply may be read while the write is in flight.
+                self._pending[key] = self._pending.get(key, 0) + 1
+                await self._send("SUBSCRIBE", key)
+            await asyncio.wait_for(asyncio.shield(fut), SOCKET_TIMEOUT_S * 2)
+        except BaseException as e:
+            if not fut.done():
+                fut.cancel()
+            await sub.close()
+            if isinstance(e, asyncio.TimeoutError):
+                raise BackendUnavailable("redis: pub/sub subscription not confirmed in time") from None
+            raise
+        return sub
+
+    async def _wait_up(self) -> None:
+        if self._closing:
+            raise BackendUnavailable("redis: broker is closed")
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="redis-pubsub-reader")
+        if self._state == "connecting":
+            try:
+                async with asyncio.timeout(SOCKET_TIMEOUT_S * 2):
+                    while self._state == "connecting":
+                        self._changed.clear()
+                        await self._changed.wait()
+            except TimeoutError:
+                raise BackendUnavailable("redis: pub/sub connection not ready in time") from None
+        if self._state != "up":
+            raise BackendUnavailable(self._last_error)
+
+    async def _send(self, *args: str) -> None:
+        conn = self._conn
+        # Checked right before the write: send_command would otherwise reconnect a dropped
+        # socket behind the reader's back.
+        if conn is None or not conn.is_connected:
+            raise BackendUnavailable(self._last_error)
+        await conn.send_command(*args, check_health=False)
+
+    def _detach(self, key: str, sub: QueueSubscription) -> None:
+        """Forget `sub` (closed or overflowed); UNSUBSCRIBE once `key` has no local subscription."""
+        subs = self._subs.get(key)
+        if subs is None:
+            return
+        subs.discard(sub)
+        if not subs:
+            del self._subs[key]
+            task = self._spawn(self._unsubscribe_if_unused(key))
+            self._unsubscribing[key] = task
+            task.add_done_callback(lambda t: self._unsubscribing.pop(key, None) if self._unsubscribing.get(key) is t else None)
+
+    def _on_close(self, key: str) -> Callable[[QueueSubscription], Awaitable[None]]:
+        async def on_close(_: QueueSubscription) -> None:
+            task = self._unsubscribing.get(key)
+            if task is not None:
+                await asyncio.shield(task)  # close() returns once the UNSUBSCRIBE is written
+
+        return on_close
+
+    async def _unsubscribe_if_unused(self, key: str) -> None:
+        # Check and write without yielding in between, so a concurrent SUBSCRIBE of the same
+        # channel is never overtaken by this UNSUBSCRIBE.
+        if key in self._subs:
+            return
+        try:
+            await self._send("UNSUBSCRIBE", key)
+        except (BackendUnavailable, RedisError, OSError):
+            pass  # the connection is down; the reader only re-subscribes channels still in use
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+        return task
+
+    # -- reader ----------------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        delay = RECONNECT_BACKOFF_S[0]
+        while not self._closing:
+            conn: AbstractConnection | None = None
+            try:
+                conn = await self._pool.get_connection()
+                self._pending.clear()
+                channels = list(self._subs)
+                if channels:
+                    await conn.send_command("SUBSCRIBE", *channels, check_health=False)
+                    self._pending.update(dict.fromkeys(channels, 1))
+                self._conn = conn
+                self._set_state("up")
+                if delay > RECONNECT_BACKOFF_S[0]:
+                    log.info("redis pub/sub reconnected; %d channel(s) re-subscribed", len(channels))
+                delay = RECONNECT_BACKOFF_S[0]
+                await self._read_loop(conn)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure means: reconnect
+                self._last_error = self._reason(e)
+                if self._state != "down":
+                    log.warning("redis pub/sub connection lost (%s); reconnecting", self._last_error)
+            finally:
+                self._conn = None
+                if not self._closing:
+                    self._set_state("down")
+                self._fail_waiters(BackendUnavailable(self._last_error))
+                if conn is not None:
+                    await self._drop_connection(conn)
+            if not self._closing:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECONNECT_BACKOFF_S[1])
+
+    async def _drop_connection(self, conn: AbstractConnection) -> None:
+        try:
+            await conn.disconnect(nowait=True)
+            await self._pool.release(conn)
+        except Exception:  # noqa: BLE001 - best effort on an already broken connection
+            pass
+
+    async def _read_loop(self, conn: AbstractConnection) -> None:
+        probing = False
+        while True:
+            resp = await conn.read_response(timeout=HEALTH_CHECK_INTERVAL_S, push_request=True)
+            if resp is None:  # quiet for a while: prove the connection is alive
+                if probing:
+                    raise RedisTimeoutError("pub/sub connection did not answer PING")
+                await conn.send_command("PING", check_health=False)
+                probing = True
+                continue
+            probing = False
+            if isinstance(resp, list) and len(resp) >= 3:
+                self._dispatch(resp[0], resp[1], resp[2])
+
+    def _dispatch(self, kind: bytes, channel: bytes, data: Any) -> None:
+        if kind == b"message":
+            for sub in list(self._subs.get(channel.decode(), ())):
+                sub.deliver(data)
+        elif kind == b"subscribe":
+            key = channel.decode()
+            left = self._pending.get(key, 0) - 1
+            if left > 0:
+                self._pending[key] = left
+                return
+            self._pending.pop(key, None)
+            for fut in self._waiters.pop(key, []):
+                if not fut.done():
+                    fut.set_result(None)
+
+    def _fail_waiters(self, error: BackendUnavailable) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for futs in waiters.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(error)
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        self._changed.set()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        for task in list(self._bg):
+            task.cancel()
+        for subs in list(self._subs.values()):
+            for sub in list(subs):
+                sub.close_nowait()
+        self._subs.clear()
