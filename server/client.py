@@ -1,0 +1,292 @@
+"""A small synchronous Python client for the Yardmaster HTTP API and the client WebSocket.
+
+    client = YardmasterClient("http://127.0.0.1:8080", api_key)
+    job = client.submit_job({"image": "busybox", "command": ["echo", "hi"]})
+    final = client.follow_logs(job["id"], on_log=lambda e: print(e.text, end=""))
+
+Errors from the server raise `ApiError`; a server that cannot be reached raises
+`ServerUnreachable`. Neither ever carries the API key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import httpx
+import msgspec
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.sync.client import connect as ws_connect
+
+from protocol import messages as m
+from protocol.codec import SUBPROTOCOL_JSON, DecodeError, client_reader_codec
+from protocol.jobs import TERMINAL_STATES
+
+__all__ = ["ApiError", "ServerUnreachable", "YardmasterClient", "LogHandler", "StateHandler"]
+
+LogHandler = Callable[[m.Log], None]
+StateHandler = Callable[[m.JobStateMsg], None]
+TruncatedHandler = Callable[[m.Truncated], None]
+
+USER_AGENT = "yardmaster-client/0.1"
+_LOG_PAGE = 1000
+_WS_MAX_BYTES = 16 << 20
+_MAX_RECONNECTS = 8  # consecutive failed WebSocket sessions before giving up
+
+
+class ApiError(Exception):
+    """The server refused a request. `status` is the HTTP status (0 for an `error` message
+    received over the WebSocket); `code` is the machine-readable error code."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}" + (f" (field {field})" if field else ""))
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class ServerUnreachable(Exception):
+    """No connection to the server could be made (refused, DNS, TLS, timeout)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        super().__init__(f"cannot reach the server at {url}: {reason}")
+        self.url = url
+        self.reason = reason
+
+
+def _error_from_body(status: int, body: bytes, reason: str) -> ApiError:
+    try:
+        err = json.loads(body)["error"]
+        return ApiError(status, str(err.get("code") or f"http-{status}"), str(err.get("message") or reason),
+                        err.get("field"))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        snippet = body[:200].decode("utf-8", "replace").strip()
+        return ApiError(status, f"http-{status}", snippet or reason)
+
+
+def _ws_url(base_url: str) -> str:
+    parts = urlsplit(base_url)
+    scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+    return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/ws/client", "", ""))
+
+
+def entry_to_log(job_id: str, entry: dict[str, Any]) -> m.Log:
+    """A log entry of the HTTP API as the same `Log` message the WebSocket delivers."""
+    return m.Log(job_id=job_id, attempt=int(entry.get("attempt", 0)), offset=int(entry["offset"]),
+                 stream=entry.get("stream", "stdout"), text=str(entry.get("text", "")))
+
+
+def job_to_state(job: dict[str, Any]) -> m.JobStateMsg:
+    return m.JobStateMsg(job_id=job["id"], state=job["state"], attempt=int(job.get("attempt") or 0),
+                         exit_code=job.get("exit_code"), error=job.get("error"), agent_id=job.get("agent_id"))
+
+
+class YardmasterClient:
+    def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {api_key}", "User-Agent": USER_AGENT},
+            timeout=timeout,
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:  # never show the key
+        return f"YardmasterClient({self.base_url!r})"
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> YardmasterClient:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # ---- HTTP ------------------------------------------------------------------------------
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            resp = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ServerUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
+        if resp.status_code >= 400:
+            raise _error_from_body(resp.status_code, resp.content, resp.reason_phrase)
+        return resp
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        resp = self._request(method, path, **kwargs)
+        try:
+            return resp.json()
+        except ValueError:
+            raise ApiError(resp.status_code, "bad-response", "the server sent a response that is not JSON") from None
+
+    def submit_job(self, spec: dict[str, Any] | msgspec.Struct) -> dict[str, Any]:
+        body = msgspec.to_builtins(spec) if isinstance(spec, msgspec.Struct) else spec
+        return self._json("POST", "/api/v1/jobs", json=body)  # type: ignore[no-any-return]
+
+    def list_jobs(self, state: str | None = None, limit: int | None = None,
+                  before: str | None = None) -> dict[str, Any]:
+        params = {k: v for k, v in (("state", state), ("limit", limit), ("before", before)) if v is not None}
+        return self._json("GET", "/api/v1/jobs", params=params)  # type: ignore[no-any-return]
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/api/v1/jobs/{quote(job_id, safe='')}")  # type: ignore[no-any-return]
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/api/v1/jobs/{quote(job_id, safe='')}/cancel")  # type: ignore[no-any-return]
+
+    def get_logs(self, job_id: str, from_offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+        params: dict[str, int] = {"from_offset": from_offset}
+        if limit is not None:
+            params["limit"] = limit
+        return self._json("GET", f"/api/v1/jobs/{quote(job_id, safe='')}/logs",  # type: ignore[no-any-return]
+                          params=params)
+
+    def get_logs_text(self, job_id: str) -> str:
+        return self._request("GET", f"/api/v1/jobs/{quote(job_id, safe='')}/logs",
+                             params={"format": "text"}).text
+
+    def iter_logs(self, job_id: str, from_offset: int = 0) -> Iterator[m.Log]:
+        """Every stored log entry from `from_offset` on, page by page, in offset order."""
+        offset = from_offset
+        while True:
+            page = self.get_logs(job_id, from_offset=offset, limit=_LOG_PAGE)
+            progressed = False
+            for entry in page.get("entries") or []:
+                log = entry_to_log(job_id, entry)
+                if log.offset < offset:
+                    continue
+                yield log
+                offset = log.offset + 1
+                progressed = True
+            if not progressed:
+                return
+
+    def list_agents(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/api/v1/agents")["agents"]  # type: ignore[no-any-return]
+
+    def create_agent(self, name: str, labels: list[str] | None = None, capacity: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"name": name, "labels": labels or []}
+        if capacity is not None:
+            body["capacity"] = capacity
+        return self._json("POST", "/api/v1/agents", json=body)  # type: ignore[no-any-return]
+
+    def revoke_agent(self, agent_id: str) -> dict[str, Any]:
+        return self._json("DELETE", f"/api/v1/agents/{quote(agent_id, safe='')}")  # type: ignore[no-any-return]
+
+    def create_ws_ticket(self) -> dict[str, Any]:
+        return self._json("POST", "/api/v1/ws-tickets")  # type: ignore[no-any-return]
+
+    # ---- WebSocket -------------------------------------------------------------------------
+
+    def follow_logs(self, job_id: str, from_offset: int = 0, on_log: LogHandler | None = None,
+                    on_state: StateHandler | None = None,
+                    on_truncated: TruncatedHandler | None = None) -> m.JobStateMsg:
+        """Stream a job's logs and state changes until it is finished and its logs are complete.
+
+        Returns the terminal `job-state`. Each log entry is handed to `on_log` exactly once, in
+        offset order; a dropped connection is resumed from the last offset + 1.
+        """
+        follower = _Follower(self, job_id, from_offset, on_log, on_state, on_truncated)
+        return follower.run()
+
+
+class _Follower:
+    def __init__(self, client: YardmasterClient, job_id: str, from_offset: int, on_log: LogHandler | None,
+                 on_state: StateHandler | None, on_truncated: TruncatedHandler | None) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.next_offset = max(0, from_offset)
+        self.on_log = on_log
+        self.on_state = on_state
+        self.on_truncated = on_truncated
+        self.codec = client_reader_codec(_WS_MAX_BYTES)
+        self.final: m.JobStateMsg | None = None
+        self._last_state: tuple[str, int] | None = None
+
+    def run(self) -> m.JobStateMsg:
+        failures = 0
+        while self.final is None:
+            try:
+                if self._session():
+                    failures = 0
+            except InvalidStatus as exc:
+                resp = exc.response
+                raise _error_from_body(resp.status_code, resp.body or b"", resp.reason_phrase) from None
+            except InvalidURI as exc:
+                raise ServerUnreachable(self.client.base_url, str(exc)) from None
+            except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError) as exc:
+                failures += 1
+                if failures > _MAX_RECONNECTS:
+                    raise ServerUnreachable(self.client.base_url, f"WebSocket lost: {exc}") from None
+            if self.final is None:
+                time.sleep(min(5.0, 0.2 * 2 ** failures))
+        # The terminal state can overtake the last stored entries: take the rest from history.
+        for log in self.client.iter_logs(self.job_id, self.next_offset):
+            self._deliver(log)
+        return self.final
+
+    def _session(self) -> bool:
+        """One WebSocket connection. Returns True when it got as far as `subscribed`."""
+        subscribed = False
+        with ws_connect(
+            _ws_url(self.client.base_url),
+            additional_headers={"Authorization": f"Bearer {self.client._api_key}"},
+            user_agent_header=USER_AGENT,
+            subprotocols=[SUBPROTOCOL_JSON],  # type: ignore[list-item]
+            compression=None,
+            max_size=_WS_MAX_BYTES,
+            open_timeout=10,
+        ) as ws:
+            ws.send(self.codec.encode(m.Subscribe(topic=f"job:{self.job_id}", from_offset=self.next_offset)))
+            for frame in ws:
+                try:
+                    msg = self.codec.decode(frame)
+                except DecodeError:
+                    continue  # a message type newer than this client: ignore it
+                if isinstance(msg, m.Subscribed):
+                    subscribed = True
+                    # The job may have finished before we subscribed, and a server need not
+                    # repeat a past state: ask once, over HTTP.
+                    job = self.client.get_job(self.job_id)
+                    if job.get("state") in TERMINAL_STATES:
+                        self._state(job_to_state(job))
+                elif isinstance(msg, m.Log) and msg.job_id == self.job_id:
+                    self._deliver(msg)
+                elif isinstance(msg, m.Truncated) and msg.job_id == self.job_id:
+                    if msg.offset > self.next_offset:
+                        self.next_offset = msg.offset
+                        if self.on_truncated:
+                            self.on_truncated(msg)
+                elif isinstance(msg, m.JobStateMsg) and msg.job_id == self.job_id:
+                    self._state(msg)
+                elif isinstance(msg, m.Error):
+                    raise ApiError(0, msg.code, msg.message or msg.code)
+                if self.final is not None:
+                    return subscribed
+        return subscribed
+
+    def _deliver(self, log: m.Log) -> None:
+        if log.offset < self.next_offset:
+            return  # already delivered (history replayed after a reconnect)
+        self.next_offset = log.offset + 1
+        if self.on_log:
+            self.on_log(log)
+
+    def _state(self, msg: m.JobStateMsg) -> None:
+        key = (msg.state, msg.attempt)
+        if key != self._last_state:
+            self._last_state = key
+            if self.on_state:
+                self.on_state(msg)
+        if msg.state in TERMINAL_STATES:
+            self.final = msg
