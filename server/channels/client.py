@@ -65,6 +65,7 @@ class _JobFeed:
         self.next_offset = next_offset  # None: live only, take whatever comes next
         self.catching_up = next_offset is not None
         self.held: list[tuple[EventHeader, bytes]] = []
+        self.held_bytes = 0
 
 
 class ClientConnection:
@@ -131,7 +132,7 @@ class ClientConnection:
         feed = self._feeds.get(topic)
         if feed is not None and header.type == "log":
             if feed.catching_up:
-                feed.held.append((header, data))
+                self._hold(feed, header, data)
                 return
             if header.offset is not None and feed.next_offset is not None:
                 if header.offset < feed.next_offset:
@@ -139,12 +140,21 @@ class ClientConnection:
                 if header.offset > feed.next_offset:
                     # A live event went missing (broker hiccup): fill the hole from the Store.
                     feed.catching_up = True
-                    feed.held.append((header, data))
+                    self._hold(feed, header, data)
                     asyncio.create_task(self._catch_up(topic, feed))
                     return
             if header.offset is not None:
                 feed.next_offset = header.offset + 1
         self._enqueue(data.decode(), header.type)
+
+    def _hold(self, feed: _JobFeed, header: EventHeader, data: bytes) -> None:
+        """Keep a live event until history has caught up; the same byte bound as the send buffer."""
+        feed.held_bytes += len(data)
+        if feed.held_bytes > self._limit:
+            self.rt.metrics.slow_consumers.inc()
+            self.close(CLOSE_TOO_SLOW, "too slow: resume from your last offset")
+            return
+        feed.held.append((header, data))
 
     async def _catch_up(self, topic: str, feed: _JobFeed) -> None:
         """Send stored entries from feed.next_offset on, then release held live events."""
@@ -160,7 +170,7 @@ class ClientConnection:
                             feed.next_offset = entry.offset + 1
                     if len(entries) < HISTORY_PAGE:
                         break
-                held, feed.held = feed.held, []
+                held, feed.held, feed.held_bytes = feed.held, [], 0
                 feed.catching_up = False
                 for header, data in held:
                     self._on_event(topic, header, data)
