@@ -11,7 +11,7 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import WebSocketRoute
 
-from server.api import agents, health, jobs
+from server.api import agents, cluster, health, jobs
 from server.api.errors import EXCEPTION_HANDLERS
 from server.backends import make_broker
 from server.backends.base import Broker, Store
@@ -51,6 +51,7 @@ def build_app(settings: Settings, *, broker: Broker | None = None, store: Store 
         *health.routes,
         *jobs.routes,
         *agents.routes,
+        *cluster.routes,
         WebSocketRoute("/ws/agent", agent_endpoint),
         WebSocketRoute("/ws/client", client_endpoint),
     ]

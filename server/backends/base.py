@@ -70,6 +70,10 @@ class Broker(Protocol):
     async def lock_holder(self, name: str) -> tuple[str | None, int]:
         """(current holder or None, latest epoch taken)."""
 
+    async def raise_epoch(self, name: str, floor: int) -> int:
+        """Make the epoch counter at least `floor` (it never goes down); return its value. For a
+        Broker that lost its data: the Store's fence remembers epochs the Broker forgot."""
+
     # -- presence: key/value entries with TTLs, grouped by kind ---------------------------------
     async def set_presence(self, kind: str, member: str, value: str, ttl_ms: int) -> None: ...
 

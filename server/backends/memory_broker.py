@@ -164,6 +164,10 @@ class MemoryBroker:
         self._epochs[name] = epoch
         return epoch
 
+    async def raise_epoch(self, name: str, floor: int) -> int:
+        self._epochs[name] = max(self._epochs.get(name, 0), floor)
+        return self._epochs[name]
+
     async def renew_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
         if self._holder(name) != owner:
             return False

@@ -47,6 +47,16 @@ end
 return false
 """
 
+_RAISE_EPOCH = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+local floor = tonumber(ARGV[1])
+if current < floor then
+  redis.call('SET', KEYS[1], floor)
+  return floor
+end
+return current
+"""
+
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   return redis.call('PEXPIRE', KEYS[1], ARGV[2])
@@ -236,6 +246,7 @@ class RedisBroker:
             self._redis = aioredis.from_url(url, **common)
         self._acquire = self._redis.register_script(_ACQUIRE)
         self._renew = self._redis.register_script(_RENEW)
+        self._raise_epoch = self._redis.register_script(_RAISE_EPOCH)
         self._release = self._redis.register_script(_RELEASE)
         self._set_presence = self._redis.register_script(_SET_PRESENCE)
         self._list_presence = self._redis.register_script(_LIST_PRESENCE)
@@ -307,6 +318,10 @@ class RedisBroker:
     @_redis_errors
     async def release_lock(self, name: str, owner: str) -> bool:
         return bool(await self._release(keys=self._lock_keys(name)[:1], args=[owner]))
+
+    @_redis_errors
+    async def raise_epoch(self, name: str, floor: int) -> int:
+        return int(await self._raise_epoch(keys=self._lock_keys(name)[1:], args=[int(floor)]))
 
     @_redis_errors
     async def lock_holder(self, name: str) -> tuple[str | None, int]:

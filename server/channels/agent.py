@@ -202,8 +202,11 @@ class AgentConnection:
             replies, _ = await jobs.on_log_chunk(self.agent_id, msg)
         elif isinstance(msg, m.Heartbeat):
             await jobs.renew_leases(self.agent_id, msg.running)
-            await self.rt.agents.refresh(self)
             await self.rt.agents.touch_agent(self.agent_id)
+            try:
+                await self.rt.agents.refresh(self)
+            except BackendUnavailable:
+                pass  # the Broker is down: the socket stays; presence is refreshed once it is back
             replies = []
         elif isinstance(msg, m.JobAccept):
             replies = await jobs.on_accept(self.agent_id, msg)

@@ -21,7 +21,7 @@ from protocol.jobs import (
     sources_of,
     transition,
 )
-from server.backends.base import Broker, Store
+from server.backends.base import BackendUnavailable, Broker, Store
 from server.backends.records import JobRecord, LogEntry
 from server.core.agents import AgentHub
 from server.core.events import EventPublisher
@@ -81,8 +81,11 @@ class JobService:
             enqueued_at=now,
         )
         await self._store.create_job(job)
-        # If this enqueue fails, the leader's reconciliation re-enqueues every queued job.
-        await self._broker.enqueue(job.id, job.priority, job.enqueued_at)
+        try:
+            await self._broker.enqueue(job.id, job.priority, job.enqueued_at)
+        except BackendUnavailable as exc:
+            # The Store has it: the leader's reconciliation enqueues it once the Broker is back.
+            log.warning("job stored but not enqueued yet", extra={"job_id": job.id, "reason": str(exc)})
         self._metrics.transitions.labels("queued").inc()
         await self._events.job_state(job)
         self._wake_scheduler()
@@ -113,20 +116,28 @@ class JobService:
             if updated is None:
                 continue
             await self.announce(updated)
-            if new_state == "cancelled":
-                await self._broker.remove(job_id)
-            elif updated.agent_id is not None:
-                await self._agents.send_to_agent(
-                    updated.agent_id,
-                    m.Cancel(
-                        job_id=job_id,
-                        attempt=updated.attempt,
-                        reason=reason,
-                        grace_s=self._timings.cancel_grace_s,
-                    ),
-                )
+            try:
+                if new_state == "cancelled":
+                    await self._broker.remove(job_id)
+                else:
+                    await self.send_cancel(updated)
+            except BackendUnavailable as exc:
+                # The cancel is recorded; the scheduler drops stale queue entries and re-sends cancels.
+                log.warning("cancel recorded, not yet delivered", extra={"job_id": job_id, "reason": str(exc)})
             return updated
         raise RuntimeError(f"job {job_id} kept changing state; cancel not applied")
+
+    async def send_cancel(self, job: JobRecord) -> None:
+        if job.agent_id is not None:
+            await self._agents.send_to_agent(
+                job.agent_id,
+                m.Cancel(
+                    job_id=job.id,
+                    attempt=job.attempt,
+                    reason=job.cancel_reason or "cancelled",
+                    grace_s=self._timings.cancel_grace_s,
+                ),
+            )
 
     async def logs(self, job_id: str, from_offset: int, limit: int) -> list[LogEntry]:
         return await self._store.read_logs(job_id, from_offset, limit)

@@ -134,7 +134,14 @@ class Scheduler:
         if epoch is None:
             return
         # From here on, writes fenced with an older epoch fail everywhere.
-        await self._store.advance_fence(epoch)
+        fence = await self._store.advance_fence(epoch)
+        if fence > epoch:
+            # The Broker forgot epochs the Store has seen (Redis lost its data): move its counter
+            # past the fence and take the lock again, so our epoch is new and our writes count.
+            log.warning("broker epoch behind the store's fence", extra={"epoch": epoch, "fence": fence})
+            await self._broker.raise_epoch(LOCK_NAME, fence)
+            await self._broker.release_lock(LOCK_NAME, self.owner)
+            return
         self.epoch = epoch
         self._metrics.is_leader.set(1)
         self._metrics.epoch.set(epoch)
@@ -276,7 +283,11 @@ class Scheduler:
 
     async def reconcile(self) -> None:
         """Put back any queued job missing from the Broker's queue (a Broker restart without
-        persistence, or a crash between the Store write and the enqueue)."""
+        persistence, or a crash between the Store write and the enqueue), and say every pending
+        cancel again (pub/sub delivery is best effort; the agent acknowledges a cancel at most once
+        per attempt and ignores one for an attempt it does not run)."""
+        for job in await self._store.list_jobs(states=["cancelling"], limit=500):
+            await self._jobs.send_cancel(job)
         before: str | None = None
         while True:
             page = await self._store.list_jobs(states=["queued"], limit=500, before=before)

@@ -144,6 +144,14 @@ async def test_lock_expiry_lets_another_acquire_with_a_higher_epoch(broker: Brok
     assert third is not None and third > second
 
 
+async def test_raise_epoch_only_moves_the_epoch_up(broker: Broker) -> None:
+    assert await broker.acquire_lock("sched", "a", 5_000) == 1
+    assert await broker.raise_epoch("sched", 10) == 10
+    assert await broker.raise_epoch("sched", 3) == 10
+    assert await broker.release_lock("sched", "a")
+    assert await broker.acquire_lock("sched", "b", 5_000) == 11
+
+
 async def test_locks_are_independent_by_name(broker: Broker) -> None:
     assert await broker.acquire_lock("one", "a", 5_000) == 1
     assert await broker.acquire_lock("two", "b", 5_000) == 1

@@ -1,0 +1,43 @@
+"""/api/v1/cluster (admin): live replicas, the scheduler leader and epoch, agents per replica."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from server.api.auth import require_admin, runtime
+from server.core.agents import PRESENCE_REPLICA
+from server.core.scheduler import LOCK_NAME
+
+
+async def cluster(request: Request) -> Response:
+    await require_admin(request)
+    rt = runtime(request)
+    replicas = await rt.broker.list_presence(PRESENCE_REPLICA)
+    leader, epoch = await rt.broker.lock_holder(LOCK_NAME)
+    agents = await rt.agents.connected()
+    by_replica: dict[str, list[str]] = {replica: [] for replica in replicas}
+    for agent_id, replica in sorted(agents.items()):
+        by_replica.setdefault(replica, []).append(agent_id)
+    return JSONResponse(
+        {
+            "this_replica": rt.replica_id,
+            "leader": leader,
+            "epoch": epoch,
+            "queue_depth": await rt.broker.queue_depth(),
+            "replicas": [
+                {
+                    "id": replica,
+                    "host": replicas.get(replica, "").partition(" ")[0] or None,
+                    "pid": int(pid) if (pid := replicas.get(replica, "").partition(" ")[2]).isdigit() else None,
+                    "leader": replica == leader,
+                    "agents": agent_ids,
+                }
+                for replica, agent_ids in sorted(by_replica.items())
+            ],
+        }
+    )
+
+
+routes = [Route("/api/v1/cluster", cluster, methods=["GET"])]
