@@ -54,9 +54,14 @@ def _convert(name: str, raw: str, kind: str) -> object:
     env_name = _ENV_PREFIX + name.upper()
     try:
         if kind == "int":
+            if not raw.strip().lstrip("-").isdigit():
+                raise ValueError("must be a whole number")
             return int(raw)
         if kind == "float":
-            value = float(raw)
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError("must be a number") from None
             if value <= 0:
                 raise ValueError("must be positive")
             return value

@@ -99,7 +99,12 @@ class ServerProcess:
     def admin_key(self) -> str:
         return (self.data_dir / "admin-key").read_text().strip()
 
-    def start(self, timeout: float = 20) -> ServerProcess:
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 20, wait: bool = True) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -107,6 +112,11 @@ class ServerProcess:
             cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
+        if wait:
+            self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 20) -> ServerProcess:
 
         def ready() -> bool:
             assert self.proc is not None

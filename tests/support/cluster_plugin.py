@@ -22,6 +22,23 @@ class Cluster:
         self.servers.append(srv)
         return srv.start()
 
+    def replicas(self, redis_url: str, n: int = 3, name: str = "rs", env: dict[str, str] | None = None) -> list[ServerProcess]:
+        """`n` scale-out replicas over one Redis, sharing one data dir (one SQLite file, one admin
+        key), on distinct ports, named `<name>-0` … by YM_REPLICA_ID. The first one starts alone
+        (it creates the admin key), the others together."""
+        data_dir = self.root / f"data-{name}"
+        made = [
+            ServerProcess(data_dir, env={"YM_REDIS_URL": redis_url, "YM_REPLICA_ID": f"{name}-{i}", **(env or {})})
+            for i in range(n)
+        ]
+        self.servers += made
+        made[0].start()
+        for srv in made[1:]:
+            srv.start(wait=False)
+        for srv in made[1:]:
+            srv.wait_ready()
+        return made
+
     def agent(self, server: ServerProcess, name: str, *, docker_host: str | None = None, urls: list[str] | None = None,
               token: str | None = None, wait: bool = True, **kwargs: Any) -> tuple[AgentProcess, str, str]:
         """Register (unless a token is given) and start an agent; returns (process, agent id, token)."""
