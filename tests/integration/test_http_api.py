@@ -1,0 +1,122 @@
+"""The HTTP API of a real server process: authentication, validation, pagination, operations."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+
+from tests.support.cluster import HttpError, ServerProcess, http
+
+PROTECTED = [
+    ("GET", "/api/v1/jobs"),
+    ("POST", "/api/v1/jobs"),
+    ("GET", "/api/v1/jobs/job_x"),
+    ("POST", "/api/v1/jobs/job_x/cancel"),
+    ("GET", "/api/v1/jobs/job_x/logs"),
+    ("GET", "/api/v1/agents"),
+    ("POST", "/api/v1/agents"),
+    ("DELETE", "/api/v1/agents/agt_x"),
+    ("POST", "/api/v1/ws-tickets"),
+    ("GET", "/api/v1/cluster"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), PROTECTED)
+def test_nothing_but_health_and_metrics_answers_without_a_credential(server: ServerProcess, method: str, path: str) -> None:
+    for key in (None, "ymk_garbage", "Basic abc"):
+        with pytest.raises(HttpError) as err:
+            http(method, server.url + path, key, body={} if method == "POST" else None)
+        assert err.value.status == 401
+        assert err.value.body["error"]["code"] == "unauthorized"
+
+
+def test_health_ready_and_metrics_are_open(server: ServerProcess) -> None:
+    assert http("GET", server.url + "/healthz") == {"status": "ok"}
+    ready = http("GET", server.url + "/readyz")
+    assert ready["status"] == "ready" and ready["leader"] is True
+    server.submit(image="x", command=["true"], labels=["nobody"])
+    metrics = http("GET", server.url + "/metrics")
+    for name in (
+        'yardmaster_jobs{state="queued"} 1.0',
+        "yardmaster_queue_depth 1.0",
+        "yardmaster_agents_connected 0.0",
+        'yardmaster_websockets_open{channel="agent"}',
+        "yardmaster_dispatch_latency_seconds_bucket",
+        "yardmaster_log_bytes_total",
+        "yardmaster_scheduler_is_leader 1.0",
+        "yardmaster_scheduler_epoch 1.0",
+    ):
+        assert name in metrics, name
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"command": ["true"]}, "image"),
+        ({"image": "x", "command": ["true"], "timeout_s": -1}, "timeout_s"),
+        ({"image": "x", "command": ["true"], "resources": {"memory_mb": 0}}, "resources.memory_mb"),
+        ({"image": "x", "command": ["true"], "typo_field": 1}, "typo_field"),
+        ({"image": "x", "command": ["true"], "env": {"A B": "1"}}, "env"),
+    ],
+)
+def test_invalid_job_spec_is_422_naming_the_field(server: ServerProcess, body: dict, field: str) -> None:
+    with pytest.raises(HttpError) as err:
+        server.api("POST", "/api/v1/jobs", body)
+    assert err.value.status == 422
+    assert err.value.body["error"]["code"] == "invalid-spec" and err.value.body["error"]["field"] == field
+
+
+def test_malformed_and_oversized_bodies(server: ServerProcess) -> None:
+    with pytest.raises(HttpError) as err:
+        http("POST", server.url + "/api/v1/jobs", server.admin_key, raw=b"{not json")
+    assert err.value.status == 422
+    with pytest.raises(HttpError) as err:
+        http("POST", server.url + "/api/v1/jobs", server.admin_key, raw=b"[" + b"1," * (1 << 20) + b"1]")
+    assert err.value.status == 413
+    with pytest.raises(HttpError) as err:
+        server.api("GET", "/api/v1/jobs?limit=0")
+    assert err.value.status == 422 and err.value.body["error"]["field"] == "limit"
+    with pytest.raises(HttpError) as err:
+        server.api("GET", "/api/v1/jobs?state=sleeping")
+    assert err.value.status == 422 and err.value.body["error"]["field"] == "state"
+    with pytest.raises(HttpError) as err:
+        server.api("GET", "/api/v1/jobs/job_doesnotexist")
+    assert err.value.status == 404 and err.value.body["error"]["code"] == "not-found"
+
+
+def test_jobs_list_filters_and_paginates_newest_first(server: ServerProcess) -> None:
+    ids = [server.submit(image="x", command=["true"], labels=["nobody"], priority=i)["id"] for i in range(5)]
+    page = server.api("GET", "/api/v1/jobs?limit=2")
+    assert [j["id"] for j in page["jobs"]] == ids[::-1][:2] and page["next"] == ids[3]
+    rest = server.api("GET", f"/api/v1/jobs?limit=10&before={page['next']}")
+    assert [j["id"] for j in rest["jobs"]] == ids[::-1][2:] and rest["next"] is None
+    assert server.api("GET", "/api/v1/jobs?state=running")["jobs"] == []
+    job = server.job(ids[0])
+    for field in ("state", "attempt", "exit_code", "agent_id", "created_at", "started_at", "finished_at"):
+        assert field in job
+    assert job["spec"]["network"] == "none" and job["spec"]["read_only_rootfs"] is True
+
+
+def test_request_ids_are_echoed_and_security_headers_set(server: ServerProcess) -> None:
+    req = urllib.request.Request(server.url + "/healthz", headers={"X-Request-ID": "abc-123"})
+    with urllib.request.urlopen(req) as resp:
+        assert resp.headers["X-Request-ID"] == "abc-123"
+        assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    req = urllib.request.Request(server.url + "/healthz", headers={"X-Request-ID": "bad id with spaces\u00e9"})
+    with urllib.request.urlopen(req) as resp:
+        assert resp.headers["X-Request-ID"] != "bad id with spaces\u00e9" and len(resp.headers["X-Request-ID"]) == 16
+
+
+def test_agent_tokens_are_shown_once_and_never_listed(server: ServerProcess) -> None:
+    created = server.create_agent("a1", labels=["gpu"], capacity=4)
+    assert created["token"].startswith("yma_")
+    listed = server.api("GET", "/api/v1/agents")
+    assert created["token"] not in json.dumps(listed)
+    assert listed["agents"][0]["labels"] == ["gpu"] and listed["agents"][0]["capacity"] == 4
+    with pytest.raises(HttpError) as err:
+        server.api("POST", "/api/v1/agents", {"name": "bad name!"})
+    assert err.value.status == 422 and err.value.body["error"]["field"] == "name"
+    log = server.log_path.read_text()
+    assert created["token"] not in log and server.admin_key not in log.split("shown once", 1)[-1].split("\n", 2)[-1]
