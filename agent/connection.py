@@ -124,8 +124,9 @@ class AgentConnection:
                 else:
                     if end.established:
                         failures = 0
-                    else:
-                        index += 1
+                    # Try the next server first: the one that dropped us may be the one that died
+                    # (a killed replica closes nothing), and every replica can take us.
+                    index += 1
                     log.warning("connection to %s lost: %s", url, end)
                     delay = backoff_delay(failures, self.settings.backoff_base_s, self.settings.backoff_cap_s, self._rng)
                     failures += 1

@@ -8,6 +8,7 @@ the replica that holds the socket sends it. In one process the path is the same,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Literal, Protocol
@@ -15,7 +16,7 @@ from typing import Literal, Protocol
 import msgspec
 
 from protocol import messages as m
-from server.backends.base import BackendUnavailable, Broker, Store
+from server.backends.base import BackendUnavailable, Broker, Store, Subscription
 from server.observability.metrics import Metrics
 
 log = logging.getLogger("yardmaster.agents")
@@ -65,7 +66,7 @@ class AgentHub:
 
     async def start(self) -> None:
         subscription = await self._broker.subscribe(replica_channel(self.replica_id))
-        self._reader = asyncio.create_task(self._read(subscription), name="agent-commands")
+        self._reader = asyncio.create_task(self._read_forever(subscription), name="agent-commands")
 
     async def close(self, code: int = 1012, reason: str = "server restarting") -> None:
         if self._reader is not None:
@@ -144,8 +145,31 @@ class AgentHub:
     async def _publish(self, replica: str, command: AgentCommand) -> None:
         await self._broker.publish(replica_channel(replica), _cmd_encoder.encode(command))
 
-    async def _read(self, subscription: object) -> None:
-        async for data in subscription:  # type: ignore[attr-defined]
+    async def _read_forever(self, subscription: Subscription) -> None:
+        """Read this replica's command channel for as long as the replica runs. A subscription
+        that ends (it fell behind and was dropped, or the Broker closed it) is replaced: without
+        it, no command would reach the agents connected here. Commands missed meanwhile are
+        recovered from the Store (lease expiry re-queues a lost job-assign; the leader re-sends
+        pending cancels)."""
+        while True:
+            try:
+                await self._read(subscription)
+                log.warning("agent command subscription ended; subscribing again")
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("agent command subscription failed; subscribing again")
+            with contextlib.suppress(Exception):
+                await subscription.close()
+            while True:
+                try:
+                    subscription = await self._broker.subscribe(replica_channel(self.replica_id))
+                    break
+                except BackendUnavailable:
+                    await asyncio.sleep(0.5)
+
+    async def _read(self, subscription: Subscription) -> None:
+        async for data in subscription:
             try:
                 await self._execute(_cmd_decoder.decode(data))
             except Exception:

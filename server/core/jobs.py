@@ -232,7 +232,11 @@ class JobService:
                 changes["error"] = f"agent lost; {job.runs} of {job.spec.max_attempts} attempts used"
         updated = await self._transition(job, event, changes, fence_epoch=fence_epoch)
         if updated is not None and updated.state == "queued":
-            await self._broker.enqueue(updated.id, updated.priority, updated.enqueued_at)
+            try:
+                await self._broker.enqueue(updated.id, updated.priority, updated.enqueued_at)
+            except BackendUnavailable as exc:
+                # The Store says queued: the leader's reconciliation enqueues it once the Broker is back.
+                log.warning("job re-queued but not enqueued yet", extra={"job_id": updated.id, "reason": str(exc)})
             self._wake_scheduler()
         return updated
 

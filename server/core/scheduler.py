@@ -111,6 +111,10 @@ class Scheduler:
                 if self.epoch is not None and time.monotonic() - now > self._t.lock_ttl_s:
                     self._step_down("could not renew in time")
                 next_renew = 0.0
+                # Jobs submitted or re-queued during the outage are in the Store but not in the
+                # Broker's queue (and cancels may not have been delivered): reconcile as soon as
+                # state is reachable again, not up to reconcile_s later.
+                next_reconcile = 0.0
                 await self._sleep(min(1.0, self._t.renew_s))
                 continue
             except Exception:
