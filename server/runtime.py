@@ -39,7 +39,7 @@ class Runtime:
             self.events,
             self.agents,
             self.metrics,
-            JobTimings(lease_s=s.lease_s, cancel_grace_s=s.cancel_grace_s),
+            JobTimings(lease_s=s.lease_s, cancel_grace_s=s.cancel_grace_s, log_cap_bytes=s.log_cap_bytes),
             wake_scheduler=self.wake_scheduler,
         )
         self.scheduler = Scheduler(

@@ -35,6 +35,8 @@ class Settings:
     max_client_message_bytes: int = 64 * 1024
     max_request_body_bytes: int = 1 << 20
     viewer_buffer_bytes: int = 1 << 20
+    # Per-job stored output: head and tail are kept, the middle dropped (0: no cap).
+    log_cap_bytes: int = 16 << 20
     ws_ticket_ttl_s: float = 30.0
     # Security
     allowed_origins: tuple[str, ...] = ()
@@ -93,6 +95,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("YM_LEASE_S: must be longer than YM_HEARTBEAT_INTERVAL_S")
     if s.leader_renew_s >= s.leader_lock_ttl_s:
         raise SettingsError("YM_LEADER_RENEW_S: must be shorter than YM_LEADER_LOCK_TTL_S")
+    if s.log_cap_bytes and s.log_cap_bytes < 1 << 20:
+        raise SettingsError("YM_LOG_CAP_BYTES: must be 0 (no cap) or at least 1048576")
     if s.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise SettingsError("YM_LOG_LEVEL: must be one of debug, info, warning, error")
     for url_name, url, schemes in (

@@ -92,10 +92,19 @@ async def job_logs(request: Request) -> Response:
     job = await visible_job(request, principal)
     from_offset = int_param(request, "from_offset", 0, 0, 2**62)
     limit = int_param(request, "limit", MAX_PAGE, 1, 10_000)
-    entries = await runtime(request).jobs.logs(job.id, from_offset, limit)
+    rt = runtime(request)
+    entries = await rt.jobs.logs(job.id, from_offset, limit)
     next_offset = entries[-1].offset + 1 if entries else from_offset
+    gaps = [(expected, e.offset) for expected, e in zip([from_offset] + [x.offset + 1 for x in entries], entries, strict=False) if e.offset > expected]
     if request.query_params.get("format") == "text":
-        text = b"".join(e.data for e in entries).decode("utf-8", errors="replace")
+        dropped = await rt.store.log_dropped_bytes(job.id) if gaps else 0
+        parts: list[bytes] = []
+        gap_starts = {end for _, end in gaps}
+        for e in entries:
+            if e.offset in gap_starts:
+                parts.append(f"\n[yardmaster: {dropped} bytes of output dropped here (per-job log cap)]\n".encode())
+            parts.append(e.data)
+        text = b"".join(parts).decode("utf-8", errors="replace")
         return PlainTextResponse(text, headers={"X-Next-Offset": str(next_offset)})
     return JSONResponse(
         {
@@ -110,6 +119,8 @@ async def job_logs(request: Request) -> Response:
                 for e in entries
             ],
             "next_offset": next_offset,
+            # Ranges the log cap dropped: [from_offset, to_offset) has no entries any more.
+            "truncated": [{"from_offset": a, "to_offset": b} for a, b in gaps],
         }
     )
 

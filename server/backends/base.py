@@ -179,11 +179,15 @@ class Store(Protocol):
 
     # -- logs ---------------------------------------------------------------------------------------------
     async def append_log(
-        self, job_id: str, attempt: int, seq: int, stream: str, data: bytes, ts: float
+        self, job_id: str, attempt: int, seq: int, stream: str, data: bytes, ts: float, cap_bytes: int = 0
     ) -> AppendResult:
         """Store the chunk only if `seq` is the next contiguous seq of (job, attempt): assigns the
         next per-job offset atomically. Duplicates and gaps store nothing; either way the result
-        carries the highest contiguous seq stored."""
+        carries the highest contiguous seq stored. With `cap_bytes`, the job's stored output is
+        kept to that size: head and tail, the middle dropped (see backends/logcap.py)."""
+
+    async def log_dropped_bytes(self, job_id: str) -> int:
+        """How many bytes of the job's output the log cap dropped (0 if none)."""
 
     async def read_logs(self, job_id: str, from_offset: int = 0, limit: int = 1000) -> list[LogEntry]: ...
 

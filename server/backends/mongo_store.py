@@ -34,12 +34,14 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
+import msgspec
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from protocol.jobs import LEASED_STATES
+from server.backends import logcap
 from server.backends.base import BackendUnavailable
 from server.backends.documents import change_document, from_document, to_document
 from server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
@@ -323,7 +325,7 @@ class MongoStore:
     # -- logs -------------------------------------------------------------------------------------
     @_unavailable
     async def append_log(
-        self, job_id: str, attempt: int, seq: int, stream: str, data: bytes, ts: float
+        self, job_id: str, attempt: int, seq: int, stream: str, data: bytes, ts: float, cap_bytes: int = 0
     ) -> AppendResult:
         acked = await self.acked_seq(job_id, attempt)
         if seq != acked + 1:
@@ -350,7 +352,39 @@ class MongoStore:
         except DuplicateKeyError:
             # A concurrent copy of the same chunk won; this offset stays unused (a harmless gap).
             return AppendResult(entry=None, acked_seq=await self.acked_seq(job_id, attempt))
+        await self._apply_log_cap(job_id, entry.offset, len(entry.data), cap_bytes)
         return AppendResult(entry=entry, acked_seq=seq)
+
+    async def _apply_log_cap(self, job_id: str, offset: int, size: int, cap: int) -> None:
+        # One agent connection appends to a job at a time, so a read-modify-write of the stats
+        # document is enough; the worst a race could do is keep a few KiB over the cap.
+        stats_doc = await self._c("meta").find_one({"_id": f"log_stats:{job_id}"})
+        stats = logcap.account(
+            msgspec.convert(stats_doc.get("stats", {}), logcap.LogStats) if stats_doc else logcap.LogStats(),
+            offset, size, cap,
+        )
+        need = logcap.excess(stats, cap)
+        while need > 0 and stats.head_end is not None:
+            docs = await (
+                self._c("logs").find({"job_id": job_id, "offset": {"$gt": stats.head_end}}, projection={"offset": 1, "data": 1})
+                .sort("offset", ASCENDING).limit(256).to_list(None)
+            )
+            drops = logcap.choose_drops([(int(d["offset"]), len(d["data"])) for d in docs], need, offset)
+            if not drops:
+                break
+            await self._c("logs").delete_many(
+                {"job_id": job_id, "offset": {"$gte": drops[0][0], "$lte": drops[-1][0]}}
+            )
+            stats = logcap.dropped(stats, drops)
+            need = logcap.excess(stats, cap)
+        await self._c("meta").update_one(
+            {"_id": f"log_stats:{job_id}"}, {"$set": {"stats": msgspec.to_builtins(stats)}}, upsert=True
+        )
+
+    @_unavailable
+    async def log_dropped_bytes(self, job_id: str) -> int:
+        doc = await self._c("meta").find_one({"_id": f"log_stats:{job_id}"})
+        return 0 if doc is None else int(doc.get("stats", {}).get("dropped_bytes", 0))
 
     @_unavailable
     async def read_logs(self, job_id: str, from_offset: int = 0, limit: int = 1000) -> list[LogEntry]:

@@ -16,8 +16,10 @@ from contextlib import asynccontextmanager, suppress
 from typing import Any, cast
 
 import aiosqlite
+import msgspec
 
 from protocol.jobs import LEASED_STATES
+from server.backends import logcap
 from server.backends.base import BackendUnavailable
 from server.backends.documents import apply_changes, from_json, matches, to_json
 from protocol.messages import Stream
@@ -67,6 +69,7 @@ CREATE TABLE IF NOT EXISTS logs (
     PRIMARY KEY (job_id, "offset"),
     UNIQUE (job_id, attempt, seq)
 );
+CREATE TABLE IF NOT EXISTS log_stats (job_id TEXT PRIMARY KEY, stats TEXT NOT NULL);
 """
 
 _JOB_COLUMNS = "id, owner, state, agent_id, lease_expires_at, deadline, doc"
@@ -360,7 +363,7 @@ class SqliteStore:
 
     # -- logs -------------------------------------------------------------------------------------
     async def append_log(
-        self, job_id: str, attempt: int, seq: int, stream: str, data: bytes, ts: float
+        self, job_id: str, attempt: int, seq: int, stream: str, data: bytes, ts: float, cap_bytes: int = 0
     ) -> AppendResult:
         async with self._write() as tx:
             if await tx.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
@@ -377,7 +380,34 @@ class SqliteStore:
                 'INSERT INTO logs (job_id, "offset", attempt, seq, stream, data, ts) VALUES (?, ?, ?, ?, ?, ?, ?)',
                 (job_id, offset, attempt, seq, stream, entry.data, ts),
             )
+            await self._apply_log_cap(tx, job_id, offset, len(entry.data), cap_bytes)
             return AppendResult(entry=entry, acked_seq=seq)
+
+    async def _apply_log_cap(self, tx: _Tx, job_id: str, offset: int, size: int, cap: int) -> None:
+        row = await tx.fetchone("SELECT stats FROM log_stats WHERE job_id = ?", (job_id,))
+        stats = logcap.account(msgspec.json.decode(row[0], type=logcap.LogStats) if row else logcap.LogStats(), offset, size, cap)
+        need = logcap.excess(stats, cap)
+        while need > 0 and stats.head_end is not None:
+            rows = await tx.fetchall(
+                'SELECT "offset", length(data) FROM logs WHERE job_id = ? AND "offset" > ? ORDER BY "offset" LIMIT 256',
+                (job_id, stats.head_end),
+            )
+            drops = logcap.choose_drops([(r[0], r[1]) for r in rows], need, offset)
+            if not drops:
+                break
+            await tx.execute(
+                'DELETE FROM logs WHERE job_id = ? AND "offset" >= ? AND "offset" <= ?', (job_id, drops[0][0], drops[-1][0])
+            )
+            stats = logcap.dropped(stats, drops)
+            need = logcap.excess(stats, cap)
+        await tx.execute(
+            "INSERT INTO log_stats (job_id, stats) VALUES (?, ?) ON CONFLICT (job_id) DO UPDATE SET stats = excluded.stats",
+            (job_id, msgspec.json.encode(stats).decode()),
+        )
+
+    async def log_dropped_bytes(self, job_id: str) -> int:
+        row = await self._fetchone("SELECT stats FROM log_stats WHERE job_id = ?", (job_id,))
+        return 0 if row is None else msgspec.json.decode(row[0], type=logcap.LogStats).dropped_bytes
 
     async def read_logs(self, job_id: str, from_offset: int = 0, limit: int = 1000) -> list[LogEntry]:
         rows = await self._fetchall(
@@ -435,6 +465,10 @@ class _Tx:
     async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
         async with self._db.execute(sql, tuple(params)) as cur:
             return await cur.fetchone()
+
+    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        async with self._db.execute(sql, tuple(params)) as cur:
+            return list(await cur.fetchall())
 
     async def load(self, table: str, key: str, cls: type[Any]) -> Any:
         row = await self.fetchone(f"SELECT doc FROM {table} WHERE id = ?", (key,))

@@ -166,6 +166,9 @@ class ClientConnection:
                     for entry in entries:
                         if entry.offset >= start:
                             await self._room_for_history()
+                            if entry.offset > (feed.next_offset or 0):
+                                # The log cap dropped what lies between: say so, then go on.
+                                self.send(m.Truncated(job_id=feed.job_id, offset=entry.offset))
                             self.send(log_message(entry))
                             feed.next_offset = entry.offset + 1
                     if len(entries) < HISTORY_PAGE:

@@ -45,6 +45,7 @@ class JobAlreadyFinished(RuntimeError):
 class JobTimings:
     lease_s: float
     cancel_grace_s: float
+    log_cap_bytes: int = 0
 
 
 class JobService:
@@ -244,7 +245,9 @@ class JobService:
         job = await self._current(agent_id, msg.job_id, msg.attempt)
         if isinstance(job, m.Error):
             return [job], None
-        result = await self._store.append_log(msg.job_id, msg.attempt, msg.seq, msg.stream, msg.data, msg.ts)
+        result = await self._store.append_log(
+            msg.job_id, msg.attempt, msg.seq, msg.stream, msg.data, msg.ts, cap_bytes=self._timings.log_cap_bytes
+        )
         replies: list[m.ServerToAgent] = []
         if result.entry is not None:
             self._metrics.log_bytes.inc(len(msg.data))

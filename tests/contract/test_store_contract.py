@@ -461,3 +461,33 @@ async def test_concurrent_duplicate_appends_store_once(store: Store) -> None:
     assert sum(r.entry is not None for r in results) == 1
     assert all(r.acked_seq == 0 for r in results)
     assert [e.data for e in await store.read_logs(j.id)] == [b"once"]
+
+
+async def test_log_cap_keeps_head_and_tail_and_drops_the_middle(store: Store) -> None:
+    j = job(state="running", attempt=1)
+    await store.create_job(j)
+    cap = 1000
+    for seq in range(30):  # 30 chunks of 100 bytes: 3000 bytes for a 1000-byte cap
+        r = await store.append_log(j.id, 1, seq, "stdout", bytes([65 + seq % 26]) * 100, float(seq), cap_bytes=cap)
+        assert r.entry is not None and r.acked_seq == seq
+    logs = await store.read_logs(j.id)
+    offsets = [e.offset for e in logs]
+    assert sum(len(e.data) for e in logs) <= cap
+    assert offsets[:5] == [0, 1, 2, 3, 4]  # the head: the first cap/2 bytes
+    assert offsets[-1] == 29 and offsets[-5:] == [25, 26, 27, 28, 29]  # the tail, newest last
+    gap = [b for a, b in zip(offsets, offsets[1:], strict=False) if b != a + 1]
+    assert len(gap) == 1  # one contiguous dropped range
+    assert await store.log_dropped_bytes(j.id) == 3000 - sum(len(e.data) for e in logs)
+    assert await store.acked_seq(j.id, 1) == 29
+    assert await store.next_log_offset(j.id) == 30
+    dup = await store.append_log(j.id, 1, 5, "stdout", b"x", 0.0, cap_bytes=cap)
+    assert dup.entry is None and dup.acked_seq == 29
+
+
+async def test_no_cap_keeps_everything(store: Store) -> None:
+    j = job(state="running", attempt=1)
+    await store.create_job(j)
+    for seq in range(20):
+        await store.append_log(j.id, 1, seq, "stdout", b"y" * 100, float(seq))
+    assert len(await store.read_logs(j.id)) == 20
+    assert await store.log_dropped_bytes(j.id) == 0
