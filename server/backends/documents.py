@@ -74,3 +74,10 @@ def matches(rec: JobRecord, expect_states: Collection[str], expect_attempt: int 
     if rec.state not in expect_states:
         return False
     return expect_attempt is None or rec.attempt == expect_attempt
+
+
+def job_changes(changes: Mapping[str, Any], fence_epoch: int | None) -> Mapping[str, Any]:
+    """The changes an `update_job` applies: never the id; a fenced change also records its epoch."""
+    if "id" in changes:
+        raise ValueError("a job's id cannot change")
+    return {**changes, "epoch": fence_epoch} if fence_epoch is not None else changes

@@ -43,7 +43,7 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 from protocol.jobs import LEASED_STATES
 from server.backends import logcap
 from server.backends.base import BackendUnavailable
-from server.backends.documents import change_document, from_document, to_document
+from server.backends.documents import change_document, from_document, job_changes, to_document
 from server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
 
 P = ParamSpec("P")
@@ -254,10 +254,7 @@ class MongoStore:
         fence_epoch: int | None = None,
         changes: Mapping[str, Any],
     ) -> JobRecord | None:
-        if "id" in changes:
-            raise ValueError("a job's id cannot change")
-        if fence_epoch is not None:
-            changes = {**changes, "epoch": fence_epoch}
+        changes = job_changes(changes, fence_epoch)
         update = change_document(JobRecord, changes)
         query: Doc = {"_id": job_id, "state": {"$in": list(expect_states)}}
         if expect_attempt is not None:

@@ -21,7 +21,7 @@ import msgspec
 from protocol.jobs import LEASED_STATES
 from server.backends import logcap
 from server.backends.base import BackendUnavailable
-from server.backends.documents import apply_changes, from_json, matches, to_json
+from server.backends.documents import apply_changes, from_json, job_changes, matches, to_json
 from protocol.messages import Stream
 from server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
 
@@ -292,10 +292,7 @@ class SqliteStore:
         fence_epoch: int | None = None,
         changes: Mapping[str, Any],
     ) -> JobRecord | None:
-        if "id" in changes:
-            raise ValueError("a job's id cannot change")
-        if fence_epoch is not None:
-            changes = {**changes, "epoch": fence_epoch}
+        changes = job_changes(changes, fence_epoch)
         async with self._write() as tx:
             if fence_epoch is not None and fence_epoch < (await tx.meta("fence_epoch") or 0):
                 return None
