@@ -82,15 +82,18 @@ class JobService:
             enqueued_at=now,
         )
         await self._store.create_job(job)
-        try:
-            await self._broker.enqueue(job.id, job.priority, job.enqueued_at)
-        except BackendUnavailable as exc:
-            # The Store has it: the leader's reconciliation enqueues it once the Broker is back.
-            log.warning("job stored but not enqueued yet", extra={"job_id": job.id, "reason": str(exc)})
+        await self._enqueue(job)
         self._metrics.transitions.labels("queued").inc()
         await self._events.job_state(job)
         self._wake_scheduler()
         return job
+
+    async def _enqueue(self, job: JobRecord) -> None:
+        try:
+            await self._broker.enqueue(job.id, job.priority, job.enqueued_at)
+        except BackendUnavailable as exc:
+            # The Store says queued: the leader's reconciliation enqueues it once the Broker is back.
+            log.warning("job queued in the store, not yet in the broker", extra={"job_id": job.id, "reason": str(exc)})
 
     async def get(self, job_id: str) -> JobRecord:
         job = await self._store.get_job(job_id)
@@ -233,11 +236,7 @@ class JobService:
                 changes["error"] = f"agent lost; {job.runs} of {job.spec.max_attempts} attempts used"
         updated = await self._transition(job, event, changes, fence_epoch=fence_epoch)
         if updated is not None and updated.state == "queued":
-            try:
-                await self._broker.enqueue(updated.id, updated.priority, updated.enqueued_at)
-            except BackendUnavailable as exc:
-                # The Store says queued: the leader's reconciliation enqueues it once the Broker is back.
-                log.warning("job re-queued but not enqueued yet", extra={"job_id": updated.id, "reason": str(exc)})
+            await self._enqueue(updated)
             self._wake_scheduler()
         return updated
 
