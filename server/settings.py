@@ -71,7 +71,9 @@ def _convert(name: str, raw: str, kind: str) -> object:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
     except ValueError as exc:
         raise SettingsError(f"{env_name}: {exc}") from None
-    return raw or None if kind == "str | None" else raw
+    if kind == "str | None":
+        return raw or None  # an empty variable (e.g. `YM_ADMIN_KEY=` in compose) means unset
+    return raw
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
