@@ -13,7 +13,7 @@ from protocol import messages as m
 from protocol.codec import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, Codec, DecodeError, agent_server_codec
 from server.backends.base import BackendUnavailable
 from server.backends.records import AgentRecord
-from server.channels.common import deny
+from server.channels.common import deny, run_socket
 from server.core.ids import new_id
 from server.runtime import Runtime
 from server.security import tokens
@@ -117,18 +117,12 @@ class AgentConnection:
             return exc
 
     async def run(self) -> None:
-        sender = asyncio.create_task(self._sender(), name=f"agent-send-{self.agent_id}")
-        receiver = asyncio.create_task(self._serve(), name=f"agent-recv-{self.agent_id}")
-        closed = asyncio.create_task(self._closed.wait())
-        try:
-            await asyncio.wait({receiver, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            receiver.cancel()
-            closed.cancel()
+        async def finish() -> None:
             await self.close(self._close_code, self._close_reason)
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(sender, timeout=5)
-            sender.cancel()
+
+        try:
+            await run_socket(self._serve(), self._sender(), self._closed, finish)
+        finally:
             await self.rt.agents.unregister(self)
 
     async def _serve(self) -> None:

@@ -20,7 +20,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from protocol import messages as m
 from protocol.codec import DecodeError, client_server_codec
 from server.backends.base import BackendUnavailable
-from server.channels.common import deny
+from server.channels.common import deny, run_socket
 from server.core.events import ALL_JOBS_TOPIC, EventHeader, job_topic, log_message, owner_topic, state_message
 from server.runtime import Runtime
 from server.security.principals import Principal, bearer_token, principal_for_api_key
@@ -230,20 +230,12 @@ class ClientConnection:
             await self.rt.topics.remove(broker_topic, listener)
 
     async def run(self) -> None:
-        sender = asyncio.create_task(self._sender(), name="client-send")
-        receiver = asyncio.create_task(self._serve(), name="client-recv")
-        closed = asyncio.create_task(self._closed.wait())
-        try:
-            await asyncio.wait({receiver, closed}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            receiver.cancel()
-            closed.cancel()
+        async def finish() -> None:
             for topic in list(self._listeners):
                 await self._unsubscribe(topic)
             self.close(self._close_code, self._close_reason)
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await asyncio.wait_for(sender, timeout=5)
-            sender.cancel()
+
+        await run_socket(self._serve(), self._sender(), self._closed, finish)
 
     async def _serve(self) -> None:
         errors = 0

@@ -76,7 +76,50 @@ def http(method: str, url: str, key: str | None = None, body: Any = None, raw: b
         raise HttpError(exc.code, parsed) from None
 
 
-class ServerProcess:
+class ChildProcess:
+    """A child process whose output goes to a log file; stopped by signal, then killed."""
+
+    log_path: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, argv: list[str]) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def send_signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        self.proc = None
+        return proc.returncode
+
+
+class ServerProcess(ChildProcess):
     """`yardmaster server` as a child process."""
 
     def __init__(self, data_dir: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
@@ -84,7 +127,6 @@ class ServerProcess:
         self.port = port or free_port()
         self.env = {**os.environ, **FAST_SETTINGS, **(env or {})}
         self.env.update({"YM_PORT": str(self.port), "YM_HOST": "127.0.0.1", "YM_DATA_DIR": str(data_dir)})
-        self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir.parent / f"server-{self.port}.log"
 
     @property
@@ -99,19 +141,9 @@ class ServerProcess:
     def admin_key(self) -> str:
         return (self.data_dir / "admin-key").read_text().strip()
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
     def start(self, timeout: float = 20, wait: bool = True) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "server"],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-        log.close()
+        self._spawn([sys.executable, "-m", "server.cli", "server"])
         if wait:
             self.wait_ready(timeout)
         return self
@@ -130,30 +162,6 @@ class ServerProcess:
 
         wait_until(ready, timeout, what=f"server on port {self.port}")
         return self
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def send_signal(self, sig: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        self.proc = None
-        return proc.returncode
 
     # -- API shortcuts --------------------------------------------------------------------------
 
@@ -194,7 +202,7 @@ class ServerProcess:
         return last
 
 
-class AgentProcess:
+class AgentProcess(ChildProcess):
     """`python -m agent` as a child process."""
 
     def __init__(
@@ -216,31 +224,8 @@ class AgentProcess:
         self.env = {**os.environ, "YM_AGENT_TOKEN": token, **(env or {})}
         self.name = name
         self.log_path = log_dir / f"agent-{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProcess:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        log.close()
+        self._spawn(self.argv)
         return self
 
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
-        proc = self.proc
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(sig)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        self.proc = None
-        return proc.returncode
