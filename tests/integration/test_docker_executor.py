@@ -15,6 +15,7 @@ from agent.runner import JobRunner
 from protocol.jobs import JobSpec, Resources
 from protocol.messages import AgentToServer, CancelAck, LogChunk, Result, Stream
 from tests.support.docker_engine import DockerEngine
+from tests.support.executors import Output, run_job, text
 
 pytestmark = pytest.mark.docker
 
@@ -33,23 +34,8 @@ def spec(command: str | list[str], image: str, **kw: object) -> JobSpec:
     return JobSpec(image=image, command=command, **kw)  # type: ignore[arg-type]
 
 
-async def run(executor: DockerExecutor, job: JobSpec, timeout: float = 60) -> tuple[ExitInfo, list[tuple[Stream, bytes]]]:
-    out: list[tuple[Stream, bytes]] = []
-
-    async def sink(stream: Stream, data: bytes) -> None:
-        out.append((stream, data))
-
-    execution = await executor.start(f"job-{uuid.uuid4().hex[:8]}", 1, job, sink)
-    try:
-        info = await asyncio.wait_for(execution.wait(), timeout)
-        await asyncio.wait_for(execution.drain(), timeout)
-    finally:
-        await execution.remove()
-    return info, out
-
-
-def text(out: list[tuple[Stream, bytes]], stream: Stream) -> str:
-    return b"".join(d for s, d in out if s == stream).decode()
+async def run(executor: DockerExecutor, job: JobSpec, timeout: float = 60) -> tuple[ExitInfo, Output]:
+    return await run_job(executor, job, timeout)
 
 
 def our_containers(engine: DockerEngine, executor: DockerExecutor) -> list[dict[str, object]]:

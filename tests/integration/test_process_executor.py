@@ -14,25 +14,11 @@ from agent.executors.process import ProcessExecutor
 from agent.runner import JobRunner
 from protocol.jobs import JobSpec
 from protocol.messages import AgentToServer, CancelAck, LogChunk, Result, Stream
+from tests.support.executors import Output, run_job, text
 
 
-async def run(job: JobSpec, timeout: float = 30) -> tuple[ExitInfo, list[tuple[Stream, bytes]]]:
-    out: list[tuple[Stream, bytes]] = []
-
-    async def sink(stream: Stream, data: bytes) -> None:
-        out.append((stream, data))
-
-    execution = await ProcessExecutor().start("job", 1, job, sink)
-    try:
-        info = await asyncio.wait_for(execution.wait(), timeout)
-        await asyncio.wait_for(execution.drain(), timeout)
-    finally:
-        await execution.remove()
-    return info, out
-
-
-def text(out: list[tuple[Stream, bytes]], stream: Stream) -> str:
-    return b"".join(d for s, d in out if s == stream).decode()
+async def run(job: JobSpec, timeout: float = 30) -> tuple[ExitInfo, Output]:
+    return await run_job(ProcessExecutor(), job, timeout)
 
 
 async def test_streams_separated_and_in_order() -> None:
