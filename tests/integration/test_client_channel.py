@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
