@@ -253,6 +253,13 @@ def cmd_agents_create(args: argparse.Namespace, client: YardmasterClient) -> int
     return 0
 
 
+def cmd_agents_drain(args: argparse.Namespace, client: YardmasterClient) -> int:
+    agent = client.drain_agent(args.id)
+    where = "it finishes its running jobs, then disconnects" if agent.get("connected") else "it is not connected"
+    print(f"agent {agent.get('id', args.id)} ({agent.get('name', '?')}) draining: {where}")
+    return 0
+
+
 def cmd_agents_revoke(args: argparse.Namespace, client: YardmasterClient) -> int:
     agent = client.revoke_agent(args.id)
     print(f"agent {agent.get('id', args.id)} ({agent.get('name', '?')}) revoked")
@@ -335,7 +342,7 @@ def add_client_commands(subparsers: Any) -> None:
 
     p = subparsers.add_parser("agents", parents=[common], help="list, create or revoke agents")
     p.set_defaults(client_handler=cmd_agents)
-    agent_sub = p.add_subparsers(dest="agents_command", metavar="{list,create,revoke}")
+    agent_sub = p.add_subparsers(dest="agents_command", metavar="{list,create,revoke,drain}")
     q = agent_sub.add_parser("list", parents=[common], help="list agents (the default)")
     q.set_defaults(client_handler=cmd_agents)
     q = agent_sub.add_parser("create", parents=[common], help="register an agent and print its token once")
@@ -346,6 +353,9 @@ def add_client_commands(subparsers: Any) -> None:
     q = agent_sub.add_parser("revoke", parents=[common], help="revoke an agent's token")
     q.add_argument("id")
     q.set_defaults(client_handler=cmd_agents_revoke)
+    q = agent_sub.add_parser("drain", parents=[common], help="finish running jobs, take no new ones, disconnect")
+    q.add_argument("id")
+    q.set_defaults(client_handler=cmd_agents_drain)
 
 
 def is_client_command(args: argparse.Namespace) -> bool:

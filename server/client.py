@@ -183,6 +183,9 @@ class YardmasterClient:
     def revoke_agent(self, agent_id: str) -> dict[str, Any]:
         return self._json("DELETE", f"/api/v1/agents/{quote(agent_id, safe='')}")  # type: ignore[no-any-return]
 
+    def drain_agent(self, agent_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/api/v1/agents/{agent_id}/drain")  # type: ignore[no-any-return]
+
     def create_ws_ticket(self) -> dict[str, Any]:
         return self._json("POST", "/api/v1/ws-tickets")  # type: ignore[no-any-return]
 

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from protocol import messages as m
 from protocol.jobs import Label, validation_field
 from server.api.auth import read_body, require_admin, require_principal, runtime
 from server.api.errors import ApiError
@@ -69,8 +70,20 @@ async def revoke_agent(request: Request) -> Response:
     return JSONResponse(agent_view(agent, False))
 
 
+async def drain_agent(request: Request) -> Response:
+    """Ask the agent to finish its running jobs, take no new ones, and disconnect."""
+    await require_admin(request)
+    rt = runtime(request)
+    agent = await rt.store.update_agent(request.path_params["agent_id"], {"draining_since": time.time()})
+    if agent is None:
+        raise ApiError(404, "not-found", "no such agent")
+    connected = await rt.agents.send_to_agent(agent.id, m.Drain(reason="drain requested by an admin"))
+    return JSONResponse(agent_view(agent, connected), status_code=202)
+
+
 routes = [
     Route("/api/v1/agents", list_agents, methods=["GET"]),
     Route("/api/v1/agents", create_agent, methods=["POST"]),
     Route("/api/v1/agents/{agent_id}", revoke_agent, methods=["DELETE"]),
+    Route("/api/v1/agents/{agent_id}/drain", drain_agent, methods=["POST"]),
 ]

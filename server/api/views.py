@@ -50,4 +50,5 @@ def agent_view(agent: AgentRecord, connected: bool) -> dict[str, Any]:
         "created_at": rfc3339(agent.created_at),
         "last_seen_at": rfc3339(agent.last_seen_at),
         "revoked_at": rfc3339(agent.revoked_at),
+        "draining_since": rfc3339(agent.draining_since),
     }

@@ -36,6 +36,7 @@ class AgentRecord(msgspec.Struct, kw_only=True):
     last_seen_at: float | None = None
     version: str | None = None
     executor: str | None = None
+    draining_since: float | None = None  # asked to drain: no new jobs until it connects afresh
 
 
 class JobRecord(msgspec.Struct, kw_only=True):

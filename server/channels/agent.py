@@ -170,6 +170,7 @@ class AgentConnection:
                 "executor": hello.executor[:64],
                 "labels": sorted(set(hello.labels))[:64],
                 "capacity": max(0, min(hello.capacity, 1024)),
+                "draining_since": None,  # a fresh connection (a restarted agent) takes jobs again
             },
         )
         await rt.agents.register(self)

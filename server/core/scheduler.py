@@ -173,7 +173,7 @@ class Scheduler:
         slots: list[AgentSlots] = []
         for order, agent_id in enumerate(sorted(connected)):
             rec = await self._store.get_agent(agent_id)
-            if rec is None or rec.revoked_at is not None:
+            if rec is None or rec.revoked_at is not None or rec.draining_since is not None:
                 continue
             free = rec.capacity - counts.get(agent_id, 0)
             slots.append(AgentSlots(agent_id=agent_id, labels=frozenset(rec.labels), free=free, order=order))

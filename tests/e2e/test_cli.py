@@ -58,6 +58,9 @@ def test_jobs_logs_cancel_and_agents_commands(cluster: Cluster) -> None:
     again = yardmaster(server, "cancel", sleeper)
     assert again.returncode != 0 and again.stderr.startswith("error:") and "Traceback" not in again.stderr
 
+    drained = yardmaster(server, "agents", "drain", agent_id)
+    assert drained.returncode == 0 and "draining" in drained.stdout
+
     revoked = yardmaster(server, "agents", "revoke", agent_id)
     assert revoked.returncode == 0 and "revoked" in revoked.stdout
 
