@@ -13,7 +13,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Collection, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import aiosqlite
 import msgspec
@@ -26,6 +26,8 @@ from protocol.messages import Stream
 from server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
 
 SCHEMA_VERSION = 1
+
+R = TypeVar("R", ApiKeyRecord, AgentRecord)
 BUSY_TIMEOUT_MS = 30_000
 _LEASED = tuple(sorted(LEASED_STATES))
 _LEASED_SQL = ",".join("?" * len(_LEASED))
@@ -178,13 +180,17 @@ class SqliteStore:
         return [from_json(r[0], ApiKeyRecord) for r in rows]
 
     async def revoke_api_key(self, key_id: str, at: float) -> ApiKeyRecord | None:
+        return await self._revoke("api_keys", ApiKeyRecord, key_id, at)
+
+    async def _revoke(self, table: str, cls: type[R], key: str, at: float) -> R | None:
+        """Set revoked_at once; a second revoke keeps the first time."""
         async with self._write() as tx:
-            rec = await tx.load("api_keys", key_id, ApiKeyRecord)
+            rec = await tx.load(table, key, cls)
             if rec is None or rec.revoked_at is not None:
-                return rec
+                return rec  # type: ignore[no-any-return]
             rec = apply_changes(rec, {"revoked_at": at})
-            await tx.execute("UPDATE api_keys SET doc = ? WHERE id = ?", (_doc(rec), key_id))
-            return rec
+            await tx.execute(f"UPDATE {table} SET doc = ? WHERE id = ?", (_doc(rec), key))
+            return rec  # type: ignore[no-any-return]
 
     async def touch_api_key(self, key_id: str, at: float) -> None:
         async with self._write() as tx:
@@ -229,13 +235,7 @@ class SqliteStore:
             return rec
 
     async def revoke_agent(self, agent_id: str, at: float) -> AgentRecord | None:
-        async with self._write() as tx:
-            rec = await tx.load("agents", agent_id, AgentRecord)
-            if rec is None or rec.revoked_at is not None:
-                return rec
-            rec = apply_changes(rec, {"revoked_at": at})
-            await tx.execute("UPDATE agents SET doc = ? WHERE id = ?", (_doc(rec), agent_id))
-            return rec
+        return await self._revoke("agents", AgentRecord, agent_id, at)
 
     # -- jobs -------------------------------------------------------------------------------------
     async def create_job(self, rec: JobRecord) -> None:
