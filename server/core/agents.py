@@ -8,7 +8,6 @@ the replica that holds the socket sends it. In one process the path is the same,
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from typing import Literal, Protocol
@@ -16,7 +15,8 @@ from typing import Literal, Protocol
 import msgspec
 
 from protocol import messages as m
-from server.backends.base import BackendUnavailable, Broker, Store, Subscription
+from server.backends.base import BackendUnavailable, Broker, Store
+from server.core.subscriptions import read_forever
 from server.observability.metrics import Metrics
 
 log = logging.getLogger("yardmaster.agents")
@@ -65,8 +65,14 @@ class AgentHub:
         self._reader: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        subscription = await self._broker.subscribe(replica_channel(self.replica_id))
-        self._reader = asyncio.create_task(self._read_forever(subscription), name="agent-commands")
+        # Without this subscription no command would reach the agents connected here; commands
+        # missed while it is being made again are recovered from the Store (a lost job-assign's
+        # lease expires and the job is re-queued; the leader re-sends pending cancels).
+        channel = replica_channel(self.replica_id)
+        subscription = await self._broker.subscribe(channel)
+        self._reader = asyncio.create_task(
+            read_forever(self._broker, channel, subscription, self._handle), name="agent-commands"
+        )
 
     async def close(self, code: int = 1012, reason: str = "server restarting") -> None:
         if self._reader is not None:
@@ -145,35 +151,8 @@ class AgentHub:
     async def _publish(self, replica: str, command: AgentCommand) -> None:
         await self._broker.publish(replica_channel(replica), _cmd_encoder.encode(command))
 
-    async def _read_forever(self, subscription: Subscription) -> None:
-        """Read this replica's command channel for as long as the replica runs. A subscription
-        that ends (it fell behind and was dropped, or the Broker closed it) is replaced: without
-        it, no command would reach the agents connected here. Commands missed meanwhile are
-        recovered from the Store (lease expiry re-queues a lost job-assign; the leader re-sends
-        pending cancels)."""
-        while True:
-            try:
-                await self._read(subscription)
-                log.warning("agent command subscription ended; subscribing again")
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("agent command subscription failed; subscribing again")
-            with contextlib.suppress(Exception):
-                await subscription.close()
-            while True:
-                try:
-                    subscription = await self._broker.subscribe(replica_channel(self.replica_id))
-                    break
-                except BackendUnavailable:
-                    await asyncio.sleep(0.5)
-
-    async def _read(self, subscription: Subscription) -> None:
-        async for data in subscription:
-            try:
-                await self._execute(_cmd_decoder.decode(data))
-            except Exception:
-                log.exception("agent command failed")
+    async def _handle(self, data: bytes) -> None:
+        await self._execute(_cmd_decoder.decode(data))
 
     async def _execute(self, command: AgentCommand) -> None:
         link = self.links.get(command.agent_id)

@@ -8,6 +8,7 @@ its local listeners, and drops it when the last listener leaves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ import msgspec
 from protocol import messages as m
 from server.backends.base import BackendUnavailable, Broker, Subscription
 from server.backends.records import JobRecord, LogEntry
+from server.core.subscriptions import read_forever
 
 log = logging.getLogger("yardmaster.events")
 
@@ -116,7 +118,10 @@ class TopicHub:
                     del self._topics[topic]
                 entry.ready.set()
                 raise
-            entry.reader = asyncio.create_task(self._read(topic, entry), name=f"topic-{topic}")
+            entry.reader = asyncio.create_task(
+                read_forever(self._broker, topic, entry.subscription, lambda data: self._fan_out(topic, entry, data)),
+                name=f"topic-{topic}",
+            )
             entry.ready.set()
         else:
             entry.listeners.add(listener)
@@ -141,25 +146,17 @@ class TopicHub:
 
     async def _close(self, entry: _Topic) -> None:
         if entry.reader is not None:
-            entry.reader.cancel()
-        if entry.subscription is not None:
-            try:
+            entry.reader.cancel()  # the reader closes the subscription it holds
+            await asyncio.gather(entry.reader, return_exceptions=True)
+        if entry.subscription is not None:  # a reader cancelled before it ever ran closed nothing
+            with contextlib.suppress(Exception):
                 await entry.subscription.close()
-            except Exception:  # closing a subscription on a broker that is down
-                log.debug("subscription close failed", exc_info=True)
 
-    async def _read(self, topic: str, entry: _Topic) -> None:
-        assert entry.subscription is not None
+    async def _fan_out(self, topic: str, entry: _Topic, data: bytes) -> None:
         try:
-            async for data in entry.subscription:
-                try:
-                    header = _header.decode(data)
-                except msgspec.DecodeError:
-                    log.warning("undecodable event dropped", extra={"topic": topic})
-                    continue
-                for listener in list(entry.listeners):
-                    listener(header, data)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("topic reader failed", extra={"topic": topic})
+            header = _header.decode(data)
+        except msgspec.DecodeError:
+            log.warning("undecodable event dropped", extra={"topic": topic})
+            return
+        for listener in list(entry.listeners):
+            listener(header, data)
