@@ -184,11 +184,14 @@ class Scheduler:
         epoch = self.epoch
         if epoch is None:
             return 0
+        candidates = await self._broker.peek(self._t.peek)
+        if not candidates:
+            return 0  # an idle pass costs one Broker call, not a read of every agent
         slots = await self._agent_slots()
         if not any(s.free > 0 for s in slots):
             return 0
         assigned = 0
-        for job_id in await self._broker.peek(self._t.peek):
+        for job_id in candidates:
             job = await self._store.get_job(job_id)
             if job is None or job.state != "queued":
                 await self._broker.remove(job_id)  # stale entry: cancelled, or claimed before a crash
