@@ -137,3 +137,34 @@ def test_result_is_accepted_once_and_only_for_the_current_attempt(server: Server
         assert server.api("GET", f"/api/v1/jobs/{job['id']}/logs?format=text") == "a\n"
     finally:
         agent.close()
+
+
+def test_an_agent_partitioned_past_its_lease_drops_the_stale_attempt_when_it_returns(cluster: Cluster) -> None:
+    server = cluster.server()
+    proxy = TcpProxy(server.port)
+    try:
+        partitioned, first_id, _ = cluster.agent(server, "far", executor="process", urls=[proxy.url])
+        job = server.submit(image="none", command="i=0; while [ $i -lt 100 ]; do echo tick$i; i=$((i+1)); sleep 0.1; done")
+        assert server.wait_state(job["id"], "running")["agent_id"] == first_id
+        proxy.refusing = True
+        proxy.cut()
+        # Past the lease (3 s in tests) the job goes back to the queue; a second agent takes attempt 2.
+        _, second_id, _ = cluster.agent(server, "near", executor="process")
+        wait_until(lambda: server.job(job["id"])["attempt"] == 2, 20, what="attempt 2")
+        assert server.job(job["id"])["agent_id"] == second_id
+        proxy.refusing = False  # the partition heals while attempt 2 runs
+        wait_until(lambda: Cluster.connected(server, first_id), 20, what="the partitioned agent to return")
+        done = server.wait_state(job["id"], {"succeeded", "failed"}, timeout=40)
+        assert (done["state"], done["attempt"], done["agent_id"]) == ("succeeded", 2, second_id)
+        entries = server.logs(job["id"])
+        attempt2 = "".join(e["text"] for e in entries if e["attempt"] == 2)
+        assert attempt2.splitlines() == [f"tick{i}" for i in range(100)]  # attempt 2 complete, once
+        first_attempt_entries = [e for e in entries if e["attempt"] == 1]
+        # Attempt 1 stored only what arrived before the partition: the returning agent was told to
+        # drop it (welcome keep=false), so nothing of it was stored after attempt 2 began.
+        assert all(e["offset"] < min(x["offset"] for x in entries if x["attempt"] == 2) for e in first_attempt_entries)
+        # The returning agent stopped its own attempt 1 because the welcome said so.
+        wait_until(lambda: f"server dropped job {job['id']} attempt 1" in partitioned.log_tail(400), 10,
+                   what="the returning agent to drop attempt 1")
+    finally:
+        proxy.close()

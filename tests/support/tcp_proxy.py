@@ -14,6 +14,7 @@ class TcpProxy:
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
         self.accepted = 0
+        self.refusing = False  # while set, new connections are closed at once (a partition)
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -27,6 +28,9 @@ class TcpProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
+            if self.refusing:
+                client.close()
+                continue
             try:
                 upstream = socket.create_connection(("127.0.0.1", self.target_port))
             except OSError:
