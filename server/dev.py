@@ -78,7 +78,15 @@ def _run_demo(client: YardmasterClient, command: str, image: str | None) -> None
     _say(f"demo job {final.state} (exit code {final.exit_code})")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def run_dev(settings: Settings, *, executor: str = "auto", demo: bool = True) -> int:
+    # Ctrl-C and SIGTERM stop dev at any point (also when SIGINT was ignored at start, as it is
+    # for a background job of a non-interactive shell).
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     configure_logging("warning" if settings.log_level == "info" else settings.log_level)
     image = os.environ.get(DEMO_IMAGE_ENV, DEFAULT_DEMO_IMAGE)
     if executor == "auto":
@@ -116,10 +124,8 @@ def run_dev(settings: Settings, *, executor: str = "auto", demo: bool = True) ->
         if demo:
             _run_demo(client, DEMO_SCRIPT, image if executor == "docker" else None)
         _say("serving; press Ctrl-C to stop")
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        while not stop.is_set() and thread.is_alive():
-            stop.wait(0.5)
+        while thread.is_alive():
+            thread.join(0.5)
     except KeyboardInterrupt:
         pass
     except ApiError as exc:

@@ -118,3 +118,25 @@ def test_dev_runs_a_server_a_local_agent_and_a_demo_job_in_docker(tmp_path: Path
             raise
     assert proc.returncode == 0
     assert not [c for c in docker_engine.containers("yardmaster.agent=local") if c.get("State") == "running"]
+
+
+def test_dev_stops_on_sigterm_and_on_sigint_even_if_sigint_was_ignored(tmp_path: Path) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        port = free_port()
+        # A background job of a non-interactive shell starts with SIGINT ignored.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "dev", "--port", str(port), "--data-dir", str(tmp_path / f"d{sig}"),
+             "--executor", "process", "--no-demo"],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        )
+        try:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and "serving; press Ctrl-C" not in (proc.stdout.readline() or "serving; press Ctrl-C"):
+                pass
+            proc.send_signal(sig)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
