@@ -84,6 +84,7 @@ class ClientConnection:
         self._close_reason = ""
         self._lock = asyncio.Lock()  # one catch-up at a time per socket
         self._drained = asyncio.Event()
+        self._catch_ups: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak refs
 
     # ---- sending -------------------------------------------------------------------------------
 
@@ -141,7 +142,9 @@ class ClientConnection:
                     # A live event went missing (broker hiccup): fill the hole from the Store.
                     feed.catching_up = True
                     self._hold(feed, header, data)
-                    asyncio.create_task(self._catch_up(topic, feed))
+                    task = asyncio.create_task(self._catch_up(topic, feed))
+                    self._catch_ups.add(task)
+                    task.add_done_callback(self._catch_ups.discard)
                     return
             if header.offset is not None:
                 feed.next_offset = header.offset + 1
@@ -231,6 +234,8 @@ class ClientConnection:
 
     async def run(self) -> None:
         async def finish() -> None:
+            for task in list(self._catch_ups):
+                task.cancel()
             for topic in list(self._listeners):
                 await self._unsubscribe(topic)
             self.close(self._close_code, self._close_reason)
