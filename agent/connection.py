@@ -16,9 +16,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
-from agent.supervisor import Emit, Supervisor
-from protocol import messages as m
-from protocol.codec import (
+from yardmaster.agent.supervisor import Emit, Supervisor
+from yardmaster.protocol import messages as m
+from yardmaster.protocol.codec import (
     DEFAULT_MAX_MESSAGE_BYTES,
     SUBPROTOCOL_JSON,
     SUBPROTOCOL_MSGPACK,

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from collections import deque
 
-from protocol.codec import MAX_LOG_CHUNK_BYTES
-from protocol.messages import LogChunk, Stream
+from yardmaster.protocol.codec import MAX_LOG_CHUNK_BYTES
+from yardmaster.protocol.messages import LogChunk, Stream
 
 DEFAULT_LIMIT_BYTES = 8 * 1024 * 1024
 DEFAULT_COALESCE_BYTES = 32 * 1024

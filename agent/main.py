@@ -1,4 +1,4 @@
-"""Command line entry: `python -m agent --server URL --token T ...`."""
+"""Command line entry: `python -m yardmaster.agent --server URL --token T ...`."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import socket
 import sys
 from dataclasses import dataclass, field
 
-from agent import __version__
-from agent.connection import EXIT_FATAL_CLOSE, AgentConnection, AuthRefused, ConnectionSettings, FatalClose, agent_ws_url
-from agent.executors.base import Executor, ExecutorUnavailable
-from agent.executors.docker import DockerExecutor
-from agent.executors.process import ProcessExecutor
-from agent.supervisor import AgentConfig, Supervisor
+from yardmaster.agent import __version__
+from yardmaster.agent.connection import EXIT_FATAL_CLOSE, AgentConnection, AuthRefused, ConnectionSettings, FatalClose, agent_ws_url
+from yardmaster.agent.executors.base import Executor, ExecutorUnavailable
+from yardmaster.agent.executors.docker import DockerExecutor
+from yardmaster.agent.executors.process import ProcessExecutor
+from yardmaster.agent.supervisor import AgentConfig, Supervisor
 
 log = logging.getLogger("agent")
 
@@ -46,7 +46,7 @@ def _split(value: str | None) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m agent", description="Yardmaster host agent")
+    p = argparse.ArgumentParser(prog="python -m yardmaster.agent", description="Yardmaster host agent")
     p.add_argument("--server", action="append", default=[], metavar="URL",
                    help="server base URL, http(s):// or ws(s):// (repeatable; env YM_SERVER_URL, comma-separated)")
     p.add_argument("--token", help="agent token (env YM_AGENT_TOKEN)")

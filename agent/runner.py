@@ -12,10 +12,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Literal
 
-from agent.executors.base import Execution, Executor, ExecutorError, ExitInfo
-from agent.logbuffer import DEFAULT_LIMIT_BYTES, LogBuffer
-from protocol.jobs import FinalState, JobSpec
-from protocol.messages import AgentToServer, CancelAck, LogChunk, Result, RunningJob, Stream
+from yardmaster.agent.executors.base import Execution, Executor, ExecutorError, ExitInfo
+from yardmaster.agent.logbuffer import DEFAULT_LIMIT_BYTES, LogBuffer
+from yardmaster.protocol.jobs import FinalState, JobSpec
+from yardmaster.protocol.messages import AgentToServer, CancelAck, LogChunk, Result, RunningJob, Stream
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from agent.executors.base import Executor
-from agent.logbuffer import DEFAULT_LIMIT_BYTES
-from agent.runner import JobRunner
-from protocol import messages as m
+from yardmaster.agent.executors.base import Executor
+from yardmaster.agent.logbuffer import DEFAULT_LIMIT_BYTES
+from yardmaster.agent.runner import JobRunner
+from yardmaster.protocol import messages as m
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any, Generic, TypeVar
 
 import msgspec
 
-from protocol import messages as m
+from yardmaster.protocol import messages as m
 
 SUBPROTOCOL_MSGPACK = "yardmaster.v1.msgpack"
 SUBPROTOCOL_JSON = "yardmaster.v1.json"

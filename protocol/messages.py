@@ -11,7 +11,7 @@ from typing import Literal, Union
 
 import msgspec
 
-from protocol.jobs import FinalState, JobSpec, JobState
+from yardmaster.protocol.jobs import FinalState, JobSpec, JobState
 
 Stream = Literal["stdout", "stderr"]
 

@@ -11,16 +11,16 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import WebSocketRoute
 
-from server.api import agents, cluster, health, jobs
-from server.api.errors import EXCEPTION_HANDLERS
-from server.backends import make_broker
-from server.backends.base import Broker, Store
-from server.backends.stores import make_store
-from server.channels.agent import agent_endpoint
-from server.channels.client import client_endpoint
-from server.observability.middleware import RequestContextMiddleware
-from server.runtime import Runtime
-from server.settings import Settings
+from yardmaster.server.api import agents, cluster, health, jobs
+from yardmaster.server.api.errors import EXCEPTION_HANDLERS
+from yardmaster.server.backends import make_broker
+from yardmaster.server.backends.base import Broker, Store
+from yardmaster.server.backends.stores import make_store
+from yardmaster.server.channels.agent import agent_endpoint
+from yardmaster.server.channels.client import client_endpoint
+from yardmaster.server.observability.middleware import RequestContextMiddleware
+from yardmaster.server.runtime import Runtime
+from yardmaster.server.settings import Settings
 
 log = logging.getLogger("yardmaster.app")
 

@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
-from server.cli_client import add_client_commands, dispatch_client_command
-from server.settings import SettingsError, load_settings
+from yardmaster.server.cli_client import add_client_commands, dispatch_client_command
+from yardmaster.server.settings import SettingsError, load_settings
 
 
 def _server_options(p: argparse.ArgumentParser) -> None:
@@ -34,16 +34,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "agent":
         # The agent is its own program (server and agent never import each other).
-        os.execv(sys.executable, [sys.executable, "-m", "agent", *argv[1:]])
+        os.execv(sys.executable, [sys.executable, "-m", "yardmaster.agent", *argv[1:]])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "server":
-            from server.serve import serve
+            from yardmaster.server.serve import serve
 
             serve(load_settings(host=args.host, port=args.port, data_dir=args.data_dir))
             return 0
         if args.command == "dev":
-            from server.dev import run_dev
+            from yardmaster.server.dev import run_dev
 
             return run_dev(
                 load_settings(host=args.host, port=args.port, data_dir=args.data_dir),
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                 demo=not args.no_demo,
             )
         if args.command == "keygen":
-            from server.security.tokens import new_token
+            from yardmaster.server.security.tokens import new_token
 
             print(new_token("api-key"))
             return 0

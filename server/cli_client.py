@@ -16,8 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from protocol import messages as m
-from server.client import ApiError, ServerUnreachable, YardmasterClient
+from yardmaster.protocol import messages as m
+from yardmaster.server.client import ApiError, ServerUnreachable, YardmasterClient
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA_DIR = "./.yardmaster"

@@ -22,9 +22,9 @@ import msgspec
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.sync.client import connect as ws_connect
 
-from protocol import messages as m
-from protocol.codec import SUBPROTOCOL_JSON, DecodeError, client_reader_codec
-from protocol.jobs import TERMINAL_STATES
+from yardmaster.protocol import messages as m
+from yardmaster.protocol.codec import SUBPROTOCOL_JSON, DecodeError, client_reader_codec
+from yardmaster.protocol.jobs import TERMINAL_STATES
 
 __all__ = ["ApiError", "ServerUnreachable", "YardmasterClient", "LogHandler", "StateHandler"]
 

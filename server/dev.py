@@ -14,10 +14,10 @@ from pathlib import Path
 import aiodocker
 import uvicorn
 
-from server.client import ApiError, YardmasterClient
-from server.observability.logging import configure_logging
-from server.serve import uvicorn_config
-from server.settings import Settings
+from yardmaster.server.client import ApiError, YardmasterClient
+from yardmaster.server.observability.logging import configure_logging
+from yardmaster.server.serve import uvicorn_config
+from yardmaster.server.settings import Settings
 
 DEMO_IMAGE_ENV = "YM_DEV_IMAGE"
 DEFAULT_DEMO_IMAGE = "yardmaster/busybox:latest"
@@ -115,7 +115,7 @@ def run_dev(settings: Settings, *, executor: str = "auto", demo: bool = True) ->
         token = _agent_token(client, data_dir)
         env = {**os.environ, "YM_AGENT_TOKEN": token}
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--server", url, "--executor", executor, "--name", "local", "--label", "local"],
+            [sys.executable, "-m", "yardmaster.agent", "--server", url, "--executor", executor, "--name", "local", "--label", "local"],
             env=env,
         )
         _say(f"Yardmaster is running at {url} (state in {data_dir}/, executor: {executor})")

@@ -7,16 +7,16 @@ import logging
 import os
 import socket
 
-from server.backends.base import BackendUnavailable, Broker, Store
-from server.core.agents import PRESENCE_REPLICA, AgentHub
-from server.core.events import EventPublisher, TopicHub
-from server.core.ids import new_id
-from server.core.jobs import JobService, JobTimings
-from server.core.scheduler import Scheduler, SchedulerTimings
-from server.observability.metrics import Metrics
-from server.security.bootstrap import ensure_admin_key
-from server.security.tickets import TicketService
-from server.settings import Settings
+from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
+from yardmaster.server.core.agents import PRESENCE_REPLICA, AgentHub
+from yardmaster.server.core.events import EventPublisher, TopicHub
+from yardmaster.server.core.ids import new_id
+from yardmaster.server.core.jobs import JobService, JobTimings
+from yardmaster.server.core.scheduler import Scheduler, SchedulerTimings
+from yardmaster.server.observability.metrics import Metrics
+from yardmaster.server.security.bootstrap import ensure_admin_key
+from yardmaster.server.security.tickets import TicketService
+from yardmaster.server.settings import Settings
 
 log = logging.getLogger("yardmaster.runtime")
 

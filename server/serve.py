@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uvicorn
 
-from server.app import build_app
-from server.observability.logging import configure_logging
-from server.settings import Settings
+from yardmaster.server.app import build_app
+from yardmaster.server.observability.logging import configure_logging
+from yardmaster.server.settings import Settings
 
 
 def uvicorn_config(settings: Settings) -> uvicorn.Config:

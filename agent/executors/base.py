@@ -6,8 +6,8 @@ import abc
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from protocol.jobs import JobSpec
-from protocol.messages import Stream
+from yardmaster.protocol.jobs import JobSpec
+from yardmaster.protocol.messages import Stream
 
 # Called for every piece of output; may block (backpressure) until the log buffer has room.
 OutputSink = Callable[[Stream, bytes], Awaitable[None]]

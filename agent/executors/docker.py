@@ -13,8 +13,8 @@ from aiodocker.containers import DockerContainer
 from aiodocker.exceptions import DockerError
 from aiodocker.stream import Stream as DockerStream
 
-from agent.executors.base import Execution, Executor, ExecutorError, ExecutorUnavailable, ExitInfo, OutputSink
-from protocol.jobs import JobSpec
+from yardmaster.agent.executors.base import Execution, Executor, ExecutorError, ExecutorUnavailable, ExitInfo, OutputSink
+from yardmaster.protocol.jobs import JobSpec
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import signal
 import tempfile
 import logging
 
-from agent.executors.base import Execution, Executor, ExecutorError, ExitInfo, OutputSink
-from protocol.jobs import JobSpec
-from protocol.messages import Stream
+from yardmaster.agent.executors.base import Execution, Executor, ExecutorError, ExitInfo, OutputSink
+from yardmaster.protocol.jobs import JobSpec
+from yardmaster.protocol.messages import Stream
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 """Live log fan-out on the client channel, uvicorn WebSocket implementations side by side.
 
 Each run starts a fresh server (embedded state in a temp dir) under one competitor's uvicorn
-WebSocket settings, a real agent (`python -m agent --executor process`) and a separate
+WebSocket settings, a real agent (`python -m yardmaster.agent --executor process`) and a separate
 subscriber process holding S client sockets subscribed to `job:<id>` from offset 0. The job
 prints N lines of ~100 bytes as fast as it can. We measure the wall time from the first log
 frame to the moment every subscriber holds every line, the log frames delivered per second, and
@@ -60,9 +60,9 @@ ALL_COMPETITORS = [
 # and permessage-deflate overridden (argv[1], argv[2]).
 LAUNCHER = """
 import sys, uvicorn
-from server.settings import load_settings
-from server.serve import uvicorn_config
-from server.observability.logging import configure_logging
+from yardmaster.server.settings import load_settings
+from yardmaster.server.serve import uvicorn_config
+from yardmaster.server.observability.logging import configure_logging
 settings = load_settings()
 configure_logging(settings.log_level)
 config = uvicorn_config(settings)
@@ -272,7 +272,7 @@ class Tally:
 
 
 def run_once(comp: Competitor, wl: Workload, args: argparse.Namespace, workdir: Path) -> RunResult:
-    from server.security.tokens import new_token
+    from yardmaster.server.security.tokens import new_token
     from tests.support.cluster import (
         FAST_SETTINGS,
         HttpError,
@@ -346,7 +346,7 @@ def run_once(comp: Competitor, wl: Workload, args: argparse.Namespace, workdir: 
         cpu_before = cpu_seconds(server.pid)
         with open(agent_log, "ab") as out:
             agent = subprocess.Popen(
-                [sys.executable, "-m", "agent", "--executor", "process", "--name", "bench", "--label", "bench",
+                [sys.executable, "-m", "yardmaster.agent", "--executor", "process", "--name", "bench", "--label", "bench",
                  "--capacity", str(wl.jobs), "--server", url],
                 cwd=REPO, env={**env, "YM_AGENT_TOKEN": agent_info["token"], "YM_LOG_LEVEL": "WARNING"},
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

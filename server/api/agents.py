@@ -10,14 +10,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from protocol import messages as m
-from protocol.jobs import Label, validation_field
-from server.api.auth import read_body, require_admin, require_principal, runtime
-from server.api.errors import ApiError
-from server.api.views import agent_view
-from server.backends.records import AgentRecord
-from server.core.ids import new_id
-from server.security import tokens
+from yardmaster.protocol import messages as m
+from yardmaster.protocol.jobs import Label, validation_field
+from yardmaster.server.api.auth import read_body, require_admin, require_principal, runtime
+from yardmaster.server.api.errors import ApiError
+from yardmaster.server.api.views import agent_view
+from yardmaster.server.backends.records import AgentRecord
+from yardmaster.server.core.ids import new_id
+from yardmaster.server.security import tokens
 
 
 class AgentCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from server.api.errors import ApiError
-from server.runtime import Runtime
-from server.security.principals import Principal, bearer_token, principal_for_api_key
+from yardmaster.server.api.errors import ApiError
+from yardmaster.server.runtime import Runtime
+from yardmaster.server.security.principals import Principal, bearer_token, principal_for_api_key
 
 
 def runtime(request: Request) -> Runtime:

@@ -6,9 +6,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from server.api.auth import require_admin, runtime
-from server.core.agents import PRESENCE_REPLICA
-from server.core.scheduler import LOCK_NAME
+from yardmaster.server.api.auth import require_admin, runtime
+from yardmaster.server.core.agents import PRESENCE_REPLICA
+from yardmaster.server.core.scheduler import LOCK_NAME
 
 
 async def cluster(request: Request) -> Response:

@@ -8,7 +8,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from server.backends.base import BackendUnavailable
+from yardmaster.server.backends.base import BackendUnavailable
 
 log = logging.getLogger("yardmaster.api")
 

@@ -9,9 +9,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from protocol.jobs import JOB_STATES
-from server.api.auth import require_principal, runtime
-from server.backends.base import BackendUnavailable
+from yardmaster.protocol.jobs import JOB_STATES
+from yardmaster.server.api.auth import require_principal, runtime
+from yardmaster.server.backends.base import BackendUnavailable
 
 PROBE_TIMEOUT_S = 2.0
 

@@ -7,13 +7,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from protocol.jobs import JOB_STATES, decode_spec_request, validation_field
-from server.api.auth import read_body, require_principal, runtime
-from server.api.errors import ApiError
-from server.api.views import job_view
-from server.backends.records import JobRecord
-from server.core.jobs import JobAlreadyFinished, JobNotFound
-from server.security.principals import Principal
+from yardmaster.protocol.jobs import JOB_STATES, decode_spec_request, validation_field
+from yardmaster.server.api.auth import read_body, require_principal, runtime
+from yardmaster.server.api.errors import ApiError
+from yardmaster.server.api.views import job_view
+from yardmaster.server.backends.records import JobRecord
+from yardmaster.server.core.jobs import JobAlreadyFinished, JobNotFound
+from yardmaster.server.security.principals import Principal
 
 MAX_PAGE = 1000
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from server.backends.records import AgentRecord, JobRecord
+from yardmaster.server.backends.records import AgentRecord, JobRecord
 
 
 def rfc3339(ts: float | None) -> str | None:

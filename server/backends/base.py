@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Collection, Mapping
 from typing import Any, Protocol
 
-from server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
+from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
 
 _QUEUE_EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 _PRIORITY_BAND = 10**12  # ms: 31 years of FIFO positions per priority band

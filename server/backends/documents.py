@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from server.backends.records import JobRecord
+from yardmaster.server.backends.records import JobRecord
 
 T = TypeVar("T", bound=msgspec.Struct)
 

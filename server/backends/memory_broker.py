@@ -10,7 +10,7 @@ import bisect
 import time
 from collections.abc import Callable
 
-from server.backends.base import queue_score
+from yardmaster.server.backends.base import queue_score
 
 DEFAULT_SUBSCRIPTION_BUFFER = 10_000
 """Messages a subscription may hold unread. A subscriber that falls this far behind is dropped

@@ -40,11 +40,11 @@ from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
 
-from protocol.jobs import LEASED_STATES
-from server.backends import logcap
-from server.backends.base import BackendUnavailable
-from server.backends.documents import change_document, from_document, job_changes, to_document
-from server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
+from yardmaster.protocol.jobs import LEASED_STATES
+from yardmaster.server.backends import logcap
+from yardmaster.server.backends.base import BackendUnavailable
+from yardmaster.server.backends.documents import change_document, from_document, job_changes, to_document
+from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -6,8 +6,8 @@ from typing import Literal
 
 import msgspec
 
-from protocol.jobs import JobSpec, JobState
-from protocol.messages import Stream
+from yardmaster.protocol.jobs import JobSpec, JobState
+from yardmaster.protocol.messages import Stream
 
 Role = Literal["admin", "user"]
 

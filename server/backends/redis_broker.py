@@ -24,8 +24,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from server.backends.base import BackendUnavailable, queue_score
-from server.backends.memory_broker import DEFAULT_SUBSCRIPTION_BUFFER, QueueSubscription
+from yardmaster.server.backends.base import BackendUnavailable, queue_score
+from yardmaster.server.backends.memory_broker import DEFAULT_SUBSCRIPTION_BUFFER, QueueSubscription
 
 log = logging.getLogger(__name__)
 

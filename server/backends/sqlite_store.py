@@ -18,12 +18,12 @@ from typing import Any, TypeVar, cast
 import aiosqlite
 import msgspec
 
-from protocol.jobs import LEASED_STATES
-from server.backends import logcap
-from server.backends.base import BackendUnavailable
-from server.backends.documents import apply_changes, from_json, job_changes, matches, to_json
-from protocol.messages import Stream
-from server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
+from yardmaster.protocol.jobs import LEASED_STATES
+from yardmaster.server.backends import logcap
+from yardmaster.server.backends.base import BackendUnavailable
+from yardmaster.server.backends.documents import apply_changes, from_json, job_changes, matches, to_json
+from yardmaster.protocol.messages import Stream
+from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
 
 SCHEMA_VERSION = 1
 

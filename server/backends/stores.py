@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 
-from server.backends.base import Store
+from yardmaster.server.backends.base import Store
 
 
 def make_store(mongodb_url: str | None, data_dir: str) -> Store:
     if mongodb_url:
-        from server.backends.mongo_store import MongoStore
+        from yardmaster.server.backends.mongo_store import MongoStore
 
         return MongoStore(mongodb_url)
-    from server.backends.sqlite_store import SqliteStore
+    from yardmaster.server.backends.sqlite_store import SqliteStore
 
     return SqliteStore(os.path.join(data_dir, "yardmaster.db"))

@@ -9,15 +9,15 @@ import time
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from protocol import messages as m
-from protocol.codec import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, Codec, DecodeError, agent_server_codec
-from server.backends.base import BackendUnavailable
-from server.backends.records import AgentRecord
-from server.channels.common import deny, run_socket
-from server.core.ids import new_id
-from server.runtime import Runtime
-from server.security import tokens
-from server.security.principals import bearer_token
+from yardmaster.protocol import messages as m
+from yardmaster.protocol.codec import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, Codec, DecodeError, agent_server_codec
+from yardmaster.server.backends.base import BackendUnavailable
+from yardmaster.server.backends.records import AgentRecord
+from yardmaster.server.channels.common import deny, run_socket
+from yardmaster.server.core.ids import new_id
+from yardmaster.server.runtime import Runtime
+from yardmaster.server.security import tokens
+from yardmaster.server.security.principals import bearer_token
 
 log = logging.getLogger("yardmaster.channels.agent")
 

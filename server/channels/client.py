@@ -17,13 +17,13 @@ from urllib.parse import urlsplit
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from protocol import messages as m
-from protocol.codec import DecodeError, client_server_codec
-from server.backends.base import BackendUnavailable
-from server.channels.common import deny, run_socket
-from server.core.events import ALL_JOBS_TOPIC, EventHeader, job_topic, log_message, owner_topic, state_message
-from server.runtime import Runtime
-from server.security.principals import Principal, bearer_token, principal_for_api_key
+from yardmaster.protocol import messages as m
+from yardmaster.protocol.codec import DecodeError, client_server_codec
+from yardmaster.server.backends.base import BackendUnavailable
+from yardmaster.server.channels.common import deny, run_socket
+from yardmaster.server.core.events import ALL_JOBS_TOPIC, EventHeader, job_topic, log_message, owner_topic, state_message
+from yardmaster.server.runtime import Runtime
+from yardmaster.server.security.principals import Principal, bearer_token, principal_for_api_key
 
 log = logging.getLogger("yardmaster.channels.client")
 

@@ -14,10 +14,10 @@ from typing import Literal, Protocol
 
 import msgspec
 
-from protocol import messages as m
-from server.backends.base import BackendUnavailable, Broker, Store
-from server.core.subscriptions import read_forever
-from server.observability.metrics import Metrics
+from yardmaster.protocol import messages as m
+from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
+from yardmaster.server.core.subscriptions import read_forever
+from yardmaster.server.observability.metrics import Metrics
 
 log = logging.getLogger("yardmaster.agents")
 

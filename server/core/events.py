@@ -14,10 +14,10 @@ from collections.abc import Callable
 
 import msgspec
 
-from protocol import messages as m
-from server.backends.base import BackendUnavailable, Broker, Subscription
-from server.backends.records import JobRecord, LogEntry
-from server.core.subscriptions import read_forever
+from yardmaster.protocol import messages as m
+from yardmaster.server.backends.base import BackendUnavailable, Broker, Subscription
+from yardmaster.server.backends.records import JobRecord, LogEntry
+from yardmaster.server.core.subscriptions import read_forever
 
 log = logging.getLogger("yardmaster.events")
 

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
-from protocol import messages as m
-from protocol.jobs import (
+from yardmaster.protocol import messages as m
+from yardmaster.protocol.jobs import (
     TERMINAL_STATES,
     JobEvent,
     JobSpec,
@@ -21,12 +21,12 @@ from protocol.jobs import (
     sources_of,
     transition,
 )
-from server.backends.base import BackendUnavailable, Broker, Store
-from server.backends.records import JobRecord, LogEntry
-from server.core.agents import AgentHub
-from server.core.events import EventPublisher
-from server.core.ids import new_id
-from server.observability.metrics import Metrics
+from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
+from yardmaster.server.backends.records import JobRecord, LogEntry
+from yardmaster.server.core.agents import AgentHub
+from yardmaster.server.core.events import EventPublisher
+from yardmaster.server.core.ids import new_id
+from yardmaster.server.observability.metrics import Metrics
 
 log = logging.getLogger("yardmaster.jobs")
 

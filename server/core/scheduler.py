@@ -12,14 +12,14 @@ import logging
 import time
 from dataclasses import dataclass
 
-from protocol import messages as m
-from protocol.jobs import JobEvent, sources_of
-from server.backends.base import BackendUnavailable, Broker, Store
-from server.backends.records import JobRecord
-from server.core.agents import AgentHub
-from server.core.jobs import JobService
-from server.core.placement import AgentSlots, choose_agent
-from server.observability.metrics import Metrics
+from yardmaster.protocol import messages as m
+from yardmaster.protocol.jobs import JobEvent, sources_of
+from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
+from yardmaster.server.backends.records import JobRecord
+from yardmaster.server.core.agents import AgentHub
+from yardmaster.server.core.jobs import JobService
+from yardmaster.server.core.placement import AgentSlots, choose_agent
+from yardmaster.server.observability.metrics import Metrics
 
 log = logging.getLogger("yardmaster.scheduler")
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
-from server.backends.base import BackendUnavailable, Broker, Subscription
+from yardmaster.server.backends.base import BackendUnavailable, Broker, Subscription
 
 log = logging.getLogger("yardmaster.subscriptions")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from protocol.jobs import JOB_STATES
+from yardmaster.protocol.jobs import JOB_STATES
 
 
 class Metrics:

@@ -8,7 +8,7 @@ import secrets
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.observability.logging import request_id
+from yardmaster.server.observability.logging import request_id
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 

@@ -6,11 +6,11 @@ import os
 import time
 from pathlib import Path
 
-from server.backends.base import Store
-from server.backends.records import ApiKeyRecord
-from server.core.ids import new_id
-from server.security import tokens
-from server.settings import Settings
+from yardmaster.server.backends.base import Store
+from yardmaster.server.backends.records import ApiKeyRecord
+from yardmaster.server.core.ids import new_id
+from yardmaster.server.security import tokens
+from yardmaster.server.settings import Settings
 
 ADMIN_OWNER = "admin"
 ADMIN_KEY_FILE = "admin-key"

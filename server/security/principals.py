@@ -6,9 +6,9 @@ import time
 
 import msgspec
 
-from server.backends.base import Store
-from server.backends.records import Role
-from server.security import tokens
+from yardmaster.server.backends.base import Store
+from yardmaster.server.backends.records import Role
+from yardmaster.server.security import tokens
 
 
 class Principal(msgspec.Struct, frozen=True, kw_only=True):

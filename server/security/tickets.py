@@ -10,9 +10,9 @@ import secrets
 
 import msgspec
 
-from server.backends.base import Broker
-from server.security import tokens
-from server.security.principals import Principal
+from yardmaster.server.backends.base import Broker
+from yardmaster.server.security import tokens
+from yardmaster.server.security.principals import Principal
 
 _KIND = "ws-ticket"
 

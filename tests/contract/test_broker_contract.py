@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from server.backends.base import Broker, Subscription
-from server.backends.memory_broker import MemoryBroker, SubscriptionDropped
+from yardmaster.server.backends.base import Broker, Subscription
+from yardmaster.server.backends.memory_broker import MemoryBroker, SubscriptionDropped
 from tests.support.redis_plugin import RedisBrokerFactory
 
 BrokerFactory = Callable[..., Awaitable[Broker]]

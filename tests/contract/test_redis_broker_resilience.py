@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from server.backends import make_broker
-from server.backends.base import BackendUnavailable, Subscription
-from server.backends.memory_broker import MemoryBroker
-from server.backends.redis_broker import RedisBroker, redact_url
+from yardmaster.server.backends import make_broker
+from yardmaster.server.backends.base import BackendUnavailable, Subscription
+from yardmaster.server.backends.memory_broker import MemoryBroker
+from yardmaster.server.backends.redis_broker import RedisBroker, redact_url
 from tests.support.redis_plugin import RedisBrokerFactory
 from tests.support.redis_server import RedisSentinel, RedisServer
 

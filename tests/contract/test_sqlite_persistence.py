@@ -8,9 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from protocol.jobs import JobSpec
-from server.backends.records import AgentRecord, ApiKeyRecord, JobRecord
-from server.backends.sqlite_store import SqliteStore
+from yardmaster.protocol.jobs import JobSpec
+from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, JobRecord
+from yardmaster.server.backends.sqlite_store import SqliteStore
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,7 +64,7 @@ async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
 
 _WORKER = r"""
 import asyncio, json, sys, time
-from server.backends.sqlite_store import SqliteStore
+from yardmaster.server.backends.sqlite_store import SqliteStore
 
 async def main(path: str, worker: str, start_at: float, ids: list[str]) -> None:
     store = SqliteStore(path)

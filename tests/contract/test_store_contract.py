@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from protocol.jobs import JobSpec
-from server.backends.base import Store
-from server.backends.records import AgentRecord, ApiKeyRecord, JobRecord
+from yardmaster.protocol.jobs import JobSpec
+from yardmaster.server.backends.base import Store
+from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, JobRecord
 
 MONGO_SKIP_REASON = (
     "MongoDB contract suite skipped: set YM_TEST_MONGODB_URL to a MongoDB server to run it; "
@@ -78,7 +78,7 @@ def agent(**fields: Any) -> AgentRecord:
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     impl: Store
     if request.param == "sqlite":
-        from server.backends.sqlite_store import SqliteStore
+        from yardmaster.server.backends.sqlite_store import SqliteStore
 
         impl = SqliteStore(str(tmp_path / "data" / "yardmaster.db"))
         await impl.start()
@@ -91,7 +91,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         pytest.skip(MONGO_SKIP_REASON)
     from pymongo import AsyncMongoClient
 
-    from server.backends.mongo_store import MongoStore
+    from yardmaster.server.backends.mongo_store import MongoStore
 
     database = f"ym_test_{uuid.uuid4().hex[:12]}"
     impl = MongoStore(url, database)

@@ -19,7 +19,7 @@ from tests.support.docker_engine import DockerEngine
 def yardmaster(server: ServerProcess, *args: str, key: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "YM_URL": server.url, "YM_API_KEY": key or server.admin_key}
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "yardmaster.server.cli", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -73,10 +73,10 @@ def test_errors_are_one_clear_line(cluster: Cluster) -> None:
     invalid = yardmaster(server, "submit", "--image", "none", "--priority", "5000", "--", "true")
     assert invalid.returncode != 0 and "priority" in invalid.stderr and "Traceback" not in invalid.stderr
     env = {**os.environ, "YM_URL": f"http://127.0.0.1:{free_port()}", "YM_API_KEY": server.admin_key}
-    down = subprocess.run([sys.executable, "-m", "server.cli", "jobs"], cwd=REPO, env=env, capture_output=True, text=True)
+    down = subprocess.run([sys.executable, "-m", "yardmaster.server.cli", "jobs"], cwd=REPO, env=env, capture_output=True, text=True)
     assert down.returncode != 0 and "cannot reach the server" in down.stderr and "Traceback" not in down.stderr
     bad_setting = subprocess.run(
-        [sys.executable, "-m", "server.cli", "server"], cwd=REPO, env={**os.environ, "YM_PORT": "http"},
+        [sys.executable, "-m", "yardmaster.server.cli", "server"], cwd=REPO, env={**os.environ, "YM_PORT": "http"},
         capture_output=True, text=True, timeout=30,
     )
     assert bad_setting.returncode == 2 and bad_setting.stderr.strip() == "error: YM_PORT: must be a whole number"
@@ -87,7 +87,7 @@ def test_dev_runs_a_server_a_local_agent_and_a_demo_job_in_docker(tmp_path: Path
     port = free_port()
     env = {**os.environ, "DOCKER_HOST": docker_engine.host, "YM_DEV_IMAGE": docker_engine.image}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "dev", "--port", str(port), "--data-dir", str(tmp_path / "data")],
+        [sys.executable, "-m", "yardmaster.server.cli", "dev", "--port", str(port), "--data-dir", str(tmp_path / "data")],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     lines: list[str] = []
@@ -125,7 +125,7 @@ def test_dev_stops_on_sigterm_and_on_sigint_even_if_sigint_was_ignored(tmp_path:
         port = free_port()
         # A background job of a non-interactive shell starts with SIGINT ignored.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "dev", "--port", str(port), "--data-dir", str(tmp_path / f"d{sig}"),
+            [sys.executable, "-m", "yardmaster.server.cli", "dev", "--port", str(port), "--data-dir", str(tmp_path / f"d{sig}"),
              "--executor", "process", "--no-demo"],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from protocol import messages as m
+from yardmaster.protocol import messages as m
 from tests.support.cluster import HttpError, wait_until
 from tests.support.cluster_plugin import Cluster
 from tests.support.docker_engine import DockerEngine

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from protocol import messages as m
-from protocol.codec import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK
+from yardmaster.protocol import messages as m
+from yardmaster.protocol.codec import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK
 from tests.support.cluster import ServerProcess, wait_until
 from tests.support.cluster_plugin import Cluster
 from tests.support.tcp_proxy import TcpProxy

@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.executors.base import ExecutorError, ExitInfo
-from agent.executors.docker import LABEL_AGENT, DockerExecutor
-from agent.runner import JobRunner
-from protocol.jobs import JobSpec, Resources
-from protocol.messages import AgentToServer, CancelAck, LogChunk, Result, Stream
+from yardmaster.agent.executors.base import ExecutorError, ExitInfo
+from yardmaster.agent.executors.docker import LABEL_AGENT, DockerExecutor
+from yardmaster.agent.runner import JobRunner
+from yardmaster.protocol.jobs import JobSpec, Resources
+from yardmaster.protocol.messages import AgentToServer, CancelAck, LogChunk, Result, Stream
 from tests.support.docker_engine import DockerEngine
 from tests.support.executors import Output, run_job, text
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from agent.executors.base import ExecutorError, ExitInfo
-from agent.executors.process import ProcessExecutor
-from agent.runner import JobRunner
-from protocol.jobs import JobSpec
-from protocol.messages import AgentToServer, CancelAck, LogChunk, Result, Stream
+from yardmaster.agent.executors.base import ExecutorError, ExitInfo
+from yardmaster.agent.executors.process import ProcessExecutor
+from yardmaster.agent.runner import JobRunner
+from yardmaster.protocol.jobs import JobSpec
+from yardmaster.protocol.messages import AgentToServer, CancelAck, LogChunk, Result, Stream
 from tests.support.executors import Output, run_job, text
 
 

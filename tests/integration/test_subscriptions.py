@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from server.backends.memory_broker import MemoryBroker
-from server.core.subscriptions import read_forever
+from yardmaster.server.backends.memory_broker import MemoryBroker
+from yardmaster.server.core.subscriptions import read_forever
 
 
 async def test_a_dropped_subscription_is_made_again_and_closed_on_cancel() -> None:

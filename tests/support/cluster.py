@@ -143,7 +143,7 @@ class ServerProcess(ChildProcess):
 
     def start(self, timeout: float = 20, wait: bool = True) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._spawn([sys.executable, "-m", "server.cli", "server"])
+        self._spawn([sys.executable, "-m", "yardmaster.server.cli", "server"])
         if wait:
             self.wait_ready(timeout)
         return self
@@ -203,7 +203,7 @@ class ServerProcess(ChildProcess):
 
 
 class AgentProcess(ChildProcess):
-    """`python -m agent` as a child process."""
+    """`python -m yardmaster.agent` as a child process."""
 
     def __init__(
         self,
@@ -216,7 +216,7 @@ class AgentProcess(ChildProcess):
         capacity: int = 2,
         env: dict[str, str] | None = None,
     ) -> None:
-        self.argv = [sys.executable, "-m", "agent", "--executor", executor, "--name", name, "--capacity", str(capacity)]
+        self.argv = [sys.executable, "-m", "yardmaster.agent", "--executor", executor, "--name", name, "--capacity", str(capacity)]
         for server in servers:
             self.argv += ["--server", server]
         for label in labels or []:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from agent.executors.base import Executor, ExitInfo
-from protocol.jobs import JobSpec
-from protocol.messages import Stream
+from yardmaster.agent.executors.base import Executor, ExitInfo
+from yardmaster.protocol.jobs import JobSpec
+from yardmaster.protocol.messages import Stream
 
 Output = list[tuple[Stream, bytes]]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from server.backends.redis_broker import RedisBroker
+from yardmaster.server.backends.redis_broker import RedisBroker
 from tests.support.redis_server import RedisServer, RedisServerUnavailable
 
 RedisBrokerFactory = Callable[..., RedisBroker]

@@ -10,8 +10,8 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from protocol import messages as m
-from protocol.codec import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, agent_client_codec
+from yardmaster.protocol import messages as m
+from yardmaster.protocol.codec import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, agent_client_codec
 
 
 def handshake_status(url: str, headers: dict[str, str] | None = None, subprotocols: list[str] | None = None) -> int:

@@ -4,10 +4,10 @@ import random
 
 import pytest
 
-from agent.connection import agent_ws_url, backoff_delay
-from agent.executors.docker import container_config, container_name
-from agent.main import ConfigError, parse_options
-from protocol.jobs import JobSpec, Resources
+from yardmaster.agent.connection import agent_ws_url, backoff_delay
+from yardmaster.agent.executors.docker import container_config, container_name
+from yardmaster.agent.main import ConfigError, parse_options
+from yardmaster.protocol.jobs import JobSpec, Resources
 
 
 @pytest.mark.parametrize(

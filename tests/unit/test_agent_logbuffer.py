@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.logbuffer import LogBuffer
-from protocol.codec import MAX_LOG_CHUNK_BYTES
+from yardmaster.agent.logbuffer import LogBuffer
+from yardmaster.protocol.codec import MAX_LOG_CHUNK_BYTES
 
 
 def test_small_writes_are_coalesced_until_flush() -> None:

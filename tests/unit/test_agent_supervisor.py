@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from agent.executors.base import Execution, Executor, ExecutorError, ExitInfo, OutputSink
-from agent.supervisor import AgentConfig, Supervisor
-from protocol import messages as m
-from protocol.jobs import JobSpec
+from yardmaster.agent.executors.base import Execution, Executor, ExecutorError, ExitInfo, OutputSink
+from yardmaster.agent.supervisor import AgentConfig, Supervisor
+from yardmaster.protocol import messages as m
+from yardmaster.protocol.jobs import JobSpec
 
 
 class FakeExecution(Execution):

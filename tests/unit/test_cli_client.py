@@ -10,9 +10,9 @@ import httpx
 import msgspec
 import pytest
 
-from protocol.jobs import JobSpecRequest
-from server import cli_client as cli
-from server.client import ApiError, ServerUnreachable, YardmasterClient, _ws_url
+from yardmaster.protocol.jobs import JobSpecRequest
+from yardmaster.server import cli_client as cli
+from yardmaster.server.client import ApiError, ServerUnreachable, YardmasterClient, _ws_url
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from protocol.jobs import JOB_STATES, TERMINAL_STATES, IllegalTransition, JobEvent, can_transition, sources_of, transition
+from yardmaster.protocol.jobs import JOB_STATES, TERMINAL_STATES, IllegalTransition, JobEvent, can_transition, sources_of, transition
 
 LEGAL = {
     ("queued", JobEvent.ASSIGN): "assigned",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from server.core.placement import AgentSlots, choose_agent
-from server.security import tokens
-from server.settings import SettingsError, load_settings
+from yardmaster.server.core.placement import AgentSlots, choose_agent
+from yardmaster.server.security import tokens
+from yardmaster.server.settings import SettingsError, load_settings
 
 
 def test_tokens_are_prefixed_checksummed_and_distinct_by_kind() -> None:
