@@ -18,6 +18,7 @@ from websockets.typing import Subprotocol
 
 from yardmaster.agent.supervisor import Emit, Supervisor
 from yardmaster.protocol import messages as m
+from yardmaster.protocol.close_codes import AGENT_FATAL, CloseCode
 from yardmaster.protocol.codec import (
     DEFAULT_MAX_MESSAGE_BYTES,
     SUBPROTOCOL_JSON,
@@ -29,15 +30,14 @@ from yardmaster.protocol.codec import (
 
 log = logging.getLogger(__name__)
 
-CLOSE_NORMAL = 1000
-CLOSE_GOING_AWAY = 1001
-CLOSE_PROTOCOL_ERROR = 4003
-CLOSE_RESTARTING = 1012
-CLOSE_TOKEN_REVOKED = 4001
-CLOSE_SUPERSEDED = 4002
 EXIT_FATAL_CLOSE = 3
-_FATAL_CLOSES = {CLOSE_TOKEN_REVOKED: "the server revoked the agent token", CLOSE_SUPERSEDED:
-                 "another connection of this agent superseded this one"}
+# Closes after which coming back would not help (docs/protocol.md): the agent exits instead.
+_FATAL_CLOSES = {
+    CloseCode.REVOKED: "the server revoked the agent token",
+    CloseCode.SUPERSEDED: "another connection of this agent superseded this one",
+    CloseCode.PROTOCOL_ERROR: "the server refused this agent's protocol (upgrade the agent or the server)",
+}
+assert set(_FATAL_CLOSES) == AGENT_FATAL
 
 
 class AuthRefused(Exception):
@@ -47,10 +47,10 @@ class AuthRefused(Exception):
 
 
 class FatalClose(Exception):
-    """The server closed in a way that means: do not come back (4001, 4002)."""
+    """The server closed in a way that means: do not come back (4001, 4002, 4003)."""
 
     def __init__(self, code: int) -> None:
-        super().__init__(f"{_FATAL_CLOSES[code]} (close {code})")
+        super().__init__(f"{_FATAL_CLOSES[CloseCode(code)]} (close {int(code)})")
         self.code = code
 
 
@@ -116,7 +116,7 @@ class AgentConnection:
             except (AuthRefused, FatalClose):
                 raise
             except _SessionEnd as end:
-                if end.code == CLOSE_RESTARTING:
+                if end.code == CloseCode.RESTARTING:
                     log.info("server %s is restarting; reconnecting to the next one", url)
                     index += 1
                     failures = 0
@@ -187,8 +187,8 @@ class AgentConnection:
         except ConnectionClosed as exc:
             raise self._closed(exc, established=False) from None
         if not isinstance(first, m.Welcome):
-            await ws.close(CLOSE_PROTOCOL_ERROR, "expected welcome")
-            raise _SessionEnd(CLOSE_PROTOCOL_ERROR, f"expected welcome, got {m.tag_of(first)}")
+            await ws.close(CloseCode.PROTOCOL_ERROR, "expected welcome")
+            raise _SessionEnd(CloseCode.PROTOCOL_ERROR, f"expected welcome, got {m.tag_of(first)}")
         log.info("connected to %s as agent %s (session %s)", url, first.agent_id, first.session_id)
 
         outbox: asyncio.Queue[bytes | str] = asyncio.Queue()
@@ -220,12 +220,12 @@ class AgentConnection:
         if name == "drained":
             await self._flush(ws, outbox)
             log.info("drained: every job delivered, closing")
-            await ws.close(CLOSE_NORMAL, "drained")
+            await ws.close(CloseCode.NORMAL, "drained")
             return 0
         if name == "stop":
             log.info("shutting down")
             await self.supervisor.shutdown()
-            await ws.close(CLOSE_GOING_AWAY, "agent shutting down")
+            await ws.close(CloseCode.GOING_AWAY, "agent shutting down")
             return 0
         exc = finished.exception()
         if isinstance(exc, ConnectionClosed):

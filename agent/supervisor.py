@@ -70,7 +70,7 @@ class Supervisor:
         )
 
     def heartbeat(self) -> m.Heartbeat:
-        return m.Heartbeat(running=self._running(), free_slots=self.free_slots)
+        return m.Heartbeat(running=self._running())
 
     def _running(self) -> list[m.RunningJob]:
         return [r.running_job() for r in self.runners.values() if not r.discarded]

@@ -138,7 +138,9 @@ class JobSpec(msgspec.Struct, kw_only=True):
     # Hardening is on by default; these are the explicit, validated ways to loosen it.
     user: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,10}(:[0-9]{1,10})?$")] = "65534:65534"
     read_only_rootfs: bool = True
-    sandbox_id: str | None = None
+    # "process" runs unsandboxed on a `--executor process` agent: only a job that asks for it
+    # is placed there, and such an agent takes no other job.
+    executor: Literal["docker", "process"] = "docker"
 
     def __post_init__(self) -> None:
         if isinstance(self.command, list) and not self.command:

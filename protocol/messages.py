@@ -67,7 +67,6 @@ class Hello(_Msg, tag="hello"):
 
 class Heartbeat(_Msg, tag="heartbeat"):
     running: list[RunningJob] = []
-    free_slots: int = 0
 
 
 class JobAccept(_Msg, tag="job-accept"):
@@ -125,7 +124,10 @@ class Welcome(_Msg, tag="welcome"):
     heartbeat_interval_s: float
     lease_s: float
     resume: list[ResumeJob] = []
-    max_message_bytes: int = 1 << 20
+    # What the server granted: the registration decides (see the README, "Agent labels").
+    # None from a server that predates them.
+    labels: list[str] | None = None
+    capacity: int | None = None
 
 
 class JobAssign(_Msg, tag="job-assign"):

@@ -16,8 +16,8 @@ from yardmaster.server.api.errors import EXCEPTION_HANDLERS
 from yardmaster.server.backends import make_broker
 from yardmaster.server.backends.base import Broker, Store
 from yardmaster.server.backends.stores import make_store
-from yardmaster.server.channels.agent import agent_endpoint
-from yardmaster.server.channels.client import client_endpoint
+from yardmaster.server.channels.agent_channel import agent_endpoint
+from yardmaster.server.channels.client_channel import client_endpoint
 from yardmaster.server.observability.middleware import RequestContextMiddleware
 from yardmaster.server.runtime import Runtime
 from yardmaster.server.settings import Settings

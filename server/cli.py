@@ -1,4 +1,4 @@
-"""The `yardmaster` command: server, dev, agent, keygen, and the user commands of cli_client."""
+"""The `yardmaster` command: server, dev, agent, keygen, and the user commands of cli_commands."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from yardmaster.server.cli_client import add_client_commands, dispatch_client_command
+from yardmaster.server.cli_commands import add_client_commands, dispatch_client_command
 from yardmaster.server.settings import SettingsError, load_settings
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiodocker
 import uvicorn
 
-from yardmaster.server.client import ApiError, YardmasterClient
+from yardmaster.server.sdk import RequestRefused, YardmasterClient
 from yardmaster.server.observability.logging import configure_logging
 from yardmaster.server.serve import uvicorn_config
 from yardmaster.server.settings import Settings
@@ -128,7 +128,7 @@ def run_dev(settings: Settings, *, executor: str = "auto", demo: bool = True) ->
             thread.join(0.5)
     except KeyboardInterrupt:
         pass
-    except ApiError as exc:
+    except RequestRefused as exc:
         _say(f"error: {exc}")
         return 1
     finally:

@@ -8,7 +8,8 @@ import os
 import socket
 
 from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
-from yardmaster.server.core.agents import PRESENCE_REPLICA, AgentHub
+from yardmaster.server.backends.keys import PRESENCE_REPLICA
+from yardmaster.server.core.agents import AgentHub
 from yardmaster.server.core.events import EventPublisher, TopicHub
 from yardmaster.server.core.ids import new_id
 from yardmaster.server.core.jobs import JobService, JobTimings
@@ -17,6 +18,7 @@ from yardmaster.server.observability.metrics import Metrics
 from yardmaster.server.security.bootstrap import ensure_admin_key
 from yardmaster.server.security.tickets import TicketService
 from yardmaster.server.settings import Settings
+from yardmaster.protocol.close_codes import CloseCode
 
 log = logging.getLogger("yardmaster.runtime")
 
@@ -79,7 +81,7 @@ class Runtime:
         if self._presence_task is not None:
             self._presence_task.cancel()
         await self.scheduler.stop()
-        await self.agents.close(1012, "server restarting")
+        await self.agents.close(CloseCode.RESTARTING, "server restarting")
         await self.topics.close()
         try:
             await self.broker.delete_presence(PRESENCE_REPLICA, self.replica_id)

@@ -1,98 +1,132 @@
-"""All server configuration, read from YM_* environment variables and validated at start."""
+"""All server configuration, read from YM_* environment variables and validated at start.
+
+`Settings` is a msgspec Struct: each field's type and range is declared once, and
+`msgspec.convert` turns the environment's strings into it, so a bad value is refused at start
+with the variable's name (never its value: some are secrets).
+"""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from typing import Annotated
+
+import msgspec
 
 
 class SettingsError(ValueError):
     """A YM_* variable has an invalid value; the message names it (never its secret value)."""
 
 
-@dataclass(frozen=True, kw_only=True)
-class Settings:
+Seconds = Annotated[float, msgspec.Meta(gt=0)]
+Bytes = Annotated[int, msgspec.Meta(ge=1)]
+Count = Annotated[int, msgspec.Meta(ge=1)]
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 8080
     data_dir: str = ".yardmaster"
     redis_url: str | None = None
     mongodb_url: str | None = None
     # Agents
-    heartbeat_interval_s: float = 10.0
-    lease_s: float = 30.0
-    assign_ack_s: float = 10.0
-    cancel_grace_s: float = 10.0
+    heartbeat_interval_s: Seconds = 10.0
+    lease_s: Seconds = 30.0
+    assign_ack_s: Seconds = 10.0
+    cancel_grace_s: Seconds = 10.0
     # Timeouts are enforced on the agent; the server marks a job timed-out only this long after.
-    timeout_slack_s: float = 30.0
+    timeout_slack_s: Seconds = 30.0
     # Scheduler
-    leader_lock_ttl_s: float = 10.0
-    leader_renew_s: float = 3.0
-    schedule_interval_s: float = 0.5
-    reaper_interval_s: float = 1.0
-    # Limits
-    max_agent_message_bytes: int = 1 << 20
-    max_client_message_bytes: int = 64 * 1024
-    max_request_body_bytes: int = 1 << 20
-    viewer_buffer_bytes: int = 1 << 20
+    leader_lock_ttl_s: Seconds = 10.0
+    leader_renew_s: Seconds = 3.0
+    schedule_interval_s: Seconds = 0.5
+    reaper_interval_s: Seconds = 1.0
+    # Message and buffer limits
+    max_agent_message_bytes: Annotated[int, msgspec.Meta(ge=128 * 1024, le=64 << 20)] = 1 << 20
+    max_client_message_bytes: Annotated[int, msgspec.Meta(ge=1024, le=16 << 20)] = 64 * 1024
+    max_request_body_bytes: Bytes = 1 << 20
+    viewer_buffer_bytes: Annotated[int, msgspec.Meta(ge=64 * 1024)] = 1 << 20
     # Per-job stored output: head and tail are kept, the middle dropped (0: no cap).
-    log_cap_bytes: int = 16 << 20
-    ws_ticket_ttl_s: float = 30.0
+    log_cap_bytes: Annotated[int, msgspec.Meta(ge=0)] = 16 << 20
+    ws_ticket_ttl_s: Seconds = 30.0
+    # Connections
+    limit_concurrency: Count = 10_000  # open connections + tasks uvicorn serves; beyond it, 503
+    handshake_timeout_s: Seconds = 10.0  # a client that has not sent a whole request head by then is dropped
+    max_client_sockets_per_principal: Count = 100
+    # Admission policy for job specs
+    max_job_memory_mb: Annotated[int, msgspec.Meta(ge=6)] = 8192
+    max_job_cpus: Annotated[float, msgspec.Meta(gt=0)] = 8.0
+    max_job_pids: Annotated[int, msgspec.Meta(ge=8)] = 4096
+    allow_root_jobs: bool = False
+    allowed_images: tuple[str, ...] = ()  # glob patterns; empty: any image
     # Security
     allowed_origins: tuple[str, ...] = ()
-    admin_key: str | None = field(default=None, repr=False)
+    trusted_hosts: tuple[str, ...] = ()  # empty: the loopback names plus YM_HOST
+    trusted_proxies: tuple[str, ...] = ()  # peers whose X-Forwarded-* headers are believed
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    admin_key: str | None = None
     log_level: str = "info"
     replica_id: str | None = None
+
+    def __repr__(self) -> str:  # the admin key and URL passwords stay out of reprs and tracebacks
+        return f"Settings(host={self.host!r}, port={self.port!r}, data_dir={self.data_dir!r})"
 
     @property
     def scale_out(self) -> bool:
         return self.redis_url is not None
 
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    def effective_trusted_hosts(self) -> tuple[str, ...]:
+        if self.trusted_hosts:
+            return self.trusted_hosts
+        return tuple(dict.fromkeys((*LOOPBACK_HOSTS, self.host)))
+
 
 _ENV_PREFIX = "YM_"
+_TUPLES = {name for name, kind in Settings.__annotations__.items() if kind.startswith("tuple")}
+_OPTIONAL = {name for name, kind in Settings.__annotations__.items() if kind.endswith("| None")}
+_FIELD_PATH = re.compile(r"at `\$\.([a-z_0-9]+)`")
 
 
-def _convert(name: str, raw: str, kind: str) -> object:
-    env_name = _ENV_PREFIX + name.upper()
-    try:
-        if kind == "int":
-            if not raw.strip().lstrip("-").isdigit():
-                raise ValueError("must be a whole number")
-            return int(raw)
-        if kind == "float":
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ValueError("must be a number") from None
-            if value <= 0:
-                raise ValueError("must be positive")
-            return value
-        if kind == "tuple[str, ...]":
-            return tuple(part.strip() for part in raw.split(",") if part.strip())
-    except ValueError as exc:
-        raise SettingsError(f"{env_name}: {exc}") from None
-    if kind == "str | None":
-        return raw or None  # an empty variable (e.g. `YM_ADMIN_KEY=` in compose) means unset
-    return raw
+def env_name(field: str) -> str:
+    return _ENV_PREFIX + field.upper()
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Settings from YM_* variables; keyword overrides (e.g. from CLI flags) win."""
     env = os.environ if environ is None else environ
     values: dict[str, object] = {}
-    for f in fields(Settings):
-        raw = env.get(_ENV_PREFIX + f.name.upper())
-        if raw is not None:
-            values[f.name] = _convert(f.name, raw, str(f.type))
+    for name in Settings.__struct_fields__:
+        raw = env.get(env_name(name))
+        if raw is None:
+            continue
+        if name in _TUPLES:
+            values[name] = [part.strip() for part in raw.split(",") if part.strip()]
+        elif name in _OPTIONAL and not raw.strip():
+            continue  # an empty variable (e.g. `YM_ADMIN_KEY=` in compose) means unset
+        else:
+            values[name] = raw.strip()
     values.update({k: v for k, v in overrides.items() if v is not None})
-    settings = Settings(**values)  # type: ignore[arg-type]
+    try:
+        settings = msgspec.convert(values, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        match = _FIELD_PATH.search(str(exc))
+        field = match.group(1) if match else "settings"
+        # msgspec's message says what was expected, never the value given.
+        reason = _FIELD_PATH.sub("", str(exc)).rstrip(" -")
+        raise SettingsError(f"{env_name(field)}: {reason}") from None
     _validate(settings)
     return settings
 
 
 def _validate(s: Settings) -> None:
-    if not 0 < s.port < 65536:
-        raise SettingsError("YM_PORT: must be between 1 and 65535")
     if s.lease_s <= s.heartbeat_interval_s:
         raise SettingsError("YM_LEASE_S: must be longer than YM_HEARTBEAT_INTERVAL_S")
     if s.leader_renew_s >= s.leader_lock_ttl_s:
@@ -101,6 +135,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("YM_LOG_CAP_BYTES: must be 0 (no cap) or at least 1048576")
     if s.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise SettingsError("YM_LOG_LEVEL: must be one of debug, info, warning, error")
+    if (s.tls_cert_file is None) != (s.tls_key_file is None):
+        raise SettingsError("YM_TLS_CERT_FILE: set both YM_TLS_CERT_FILE and YM_TLS_KEY_FILE, or neither")
     for url_name, url, schemes in (
         ("YM_REDIS_URL", s.redis_url, ("redis://", "rediss://", "unix://", "redis+sentinel://")),
         ("YM_MONGODB_URL", s.mongodb_url, ("mongodb://", "mongodb+srv://")),

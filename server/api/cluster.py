@@ -7,15 +7,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from yardmaster.server.api.auth import require_admin, runtime
-from yardmaster.server.core.agents import PRESENCE_REPLICA
-from yardmaster.server.core.scheduler import LOCK_NAME
+from yardmaster.server.backends.keys import PRESENCE_REPLICA, SCHEDULER_LOCK
 
 
 async def cluster(request: Request) -> Response:
     await require_admin(request)
     rt = runtime(request)
     replicas = await rt.broker.list_presence(PRESENCE_REPLICA)
-    leader, epoch = await rt.broker.lock_holder(LOCK_NAME)
+    leader, epoch = await rt.broker.lock_holder(SCHEDULER_LOCK)
     agents = await rt.agents.connected()
     by_replica: dict[str, list[str]] = {replica: [] for replica in replicas}
     for agent_id, replica in sorted(agents.items()):

@@ -1,8 +1,7 @@
 """The two state interfaces the core talks to. Every implementation passes the same contract
 suite (tests/contract/).
 
-Broker: fast, shared, mostly ephemeral coordination (queue, leader lock, presence, pub/sub,
-rate-limit counters). Store: durable records. Ownership-deciding changes are compare-and-set
+Broker: fast, shared, mostly ephemeral coordination (queue, leader lock, presence, pub/sub). Store: durable records. Ownership-deciding changes are compare-and-set
 in the Store; the Broker only speeds things up, it never decides correctness alone.
 """
 
@@ -89,10 +88,6 @@ class Broker(Protocol):
 
     async def subscribe(self, channel: str) -> Subscription:
         """Subscribe; messages published after this call returns are delivered."""
-
-    # -- rate limits --------------------------------------------------------------------------------
-    async def hit(self, key: str, window_s: int) -> int:
-        """Count one hit in the current fixed window of `key`; return the count so far."""
 
 
 class Store(Protocol):

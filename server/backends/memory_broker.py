@@ -95,8 +95,7 @@ class QueueSubscription:
 
 
 class MemoryBroker:
-    """Everything lives in this process; TTLs use the monotonic clock, rate-limit windows the
-    wall clock (so window boundaries match RedisBroker's)."""
+    """Everything lives in this process; TTLs use the monotonic clock."""
 
     def __init__(self, *, subscription_buffer: int = DEFAULT_SUBSCRIPTION_BUFFER) -> None:
         self._buffer = subscription_buffer
@@ -106,8 +105,6 @@ class MemoryBroker:
         self._epochs: dict[str, int] = {}
         self._presence: dict[str, dict[str, tuple[str, float]]] = {}
         self._subs: dict[str, set[QueueSubscription]] = {}
-        self._counters: dict[str, tuple[int, int, int]] = {}  # key -> (window_s, window, count)
-        self._sweep_at = 1024
 
     async def start(self) -> None:
         pass
@@ -229,20 +226,3 @@ class MemoryBroker:
             subs.discard(sub)
             if not subs:
                 del self._subs[sub.channel]
-
-    # -- rate limits -----------------------------------------------------------------------------
-    async def hit(self, key: str, window_s: int) -> int:
-        now = time.time()
-        window = int(now // window_s)
-        entry = self._counters.get(key)
-        count = entry[2] + 1 if entry is not None and entry[:2] == (window_s, window) else 1
-        self._counters[key] = (window_s, window, count)
-        if len(self._counters) > self._sweep_at:
-            self._sweep_counters(now)
-        return count
-
-    def _sweep_counters(self, now: float) -> None:
-        # Amortised: only when the dict doubled since the last sweep.
-        for key in [k for k, (w_s, w, _) in self._counters.items() if int(now // w_s) != w]:
-            del self._counters[key]
-        self._sweep_at = max(1024, 2 * len(self._counters))

@@ -20,18 +20,12 @@ state and attempt, so it cannot double-assign a job (the new leader's own CAS th
 it is only "late". Closing the window entirely needs a multi-document transaction (replica set
 only), which this store does not require.
 
-Log retention: with `log_retention_s`, each chunk gets `expires_at` (server time + retention)
-and a TTL index removes it after that. Offsets come from the job's counter, so they stay
-monotonic after expiry; if *every* chunk of an attempt has expired, `acked_seq` for that attempt
-falls back to -1.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
-from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
 import msgspec
@@ -80,12 +74,10 @@ class MongoStore:
         url: str,
         database: str = "yardmaster",
         *,
-        log_retention_s: int | None = None,
         server_selection_timeout_ms: int = 10_000,
     ) -> None:
         self.url = url
         self.database = database
-        self.log_retention_s = log_retention_s
         self._timeout_ms = server_selection_timeout_ms
         self._client: AsyncMongoClient[Doc] | None = None
         self._db: AsyncDatabase[Doc] | None = None
@@ -107,8 +99,6 @@ class MongoStore:
         logs = self._c("logs")
         await logs.create_index([("job_id", ASCENDING), ("offset", ASCENDING)], unique=True)
         await logs.create_index([("job_id", ASCENDING), ("attempt", ASCENDING), ("seq", ASCENDING)], unique=True)
-        # Chunks without `expires_at` (no retention configured) never expire.
-        await logs.create_index("expires_at", expireAfterSeconds=0)
         try:
             await self._c("meta").update_one({"_id": _FENCE}, {"$setOnInsert": {"epoch": 0}}, upsert=True)
         except DuplicateKeyError:
@@ -342,8 +332,6 @@ class MongoStore:
             "ts": float(ts),
         }
         entry = from_document(doc, LogEntry)
-        if self.log_retention_s is not None:
-            doc["expires_at"] = datetime.fromtimestamp(time.time() + self.log_retention_s, tz=UTC)
         try:
             await self._c("logs").insert_one(doc)
         except DuplicateKeyError:

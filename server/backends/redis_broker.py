@@ -24,6 +24,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from yardmaster.server.backends.keys import DEFAULT_REDIS_PREFIX, RedisKeys
 from yardmaster.server.backends.base import BackendUnavailable, queue_score
 from yardmaster.server.backends.memory_broker import DEFAULT_SUBSCRIPTION_BUFFER, QueueSubscription
 
@@ -37,7 +38,7 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 # -- Lua ------------------------------------------------------------------------------------------
-# Scripts that touch keys not listed in KEYS (presence listing, rate limits) are fine on a single
+# Scripts that touch keys not listed in KEYS (presence listing) are fine on a single
 # node or Sentinel setup, which is all RedisBroker supports.
 
 _ACQUIRE = """
@@ -119,16 +120,6 @@ return 1
 
 # ARGV: key base, window_s. The window index comes from the server clock so that every replica
 # agrees on window boundaries.
-_HIT = """
-local t = redis.call('TIME')
-local w = tonumber(ARGV[2])
-local k = ARGV[1] .. ':' .. string.format('%d', math.floor(tonumber(t[1]) / w))
-local n = redis.call('INCR', k)
-if n == 1 then redis.call('PEXPIRE', k, w * 1000 + 1000) end
-return n
-"""
-
-
 # -- URLs and errors ------------------------------------------------------------------------------
 def redact_url(url: str) -> str:
     """The URL with its password replaced by ***."""
@@ -201,8 +192,7 @@ class RedisBroker:
     [&sentinel_password=...] (user/pass are the master's). With `sentinel_master`, the URL's
     hosts are taken as Sentinels whatever the scheme.
 
-    Keys live under `key_prefix`: queue, lock:<name>, epoch:<name>, presence:<kind>:<member>,
-    presence-index:<kind>, rl:<key>:<window>, and channels ch:<channel>. Epoch keys have no TTL:
+    Keys live under `key_prefix`, laid out by `backends/keys.RedisKeys`. Epoch keys have no TTL:
     fencing needs them to survive, so run Redis with persistence (AOF) if it may restart.
     """
 
@@ -210,14 +200,15 @@ class RedisBroker:
         self,
         url: str,
         *,
-        key_prefix: str = "ym:",
+        key_prefix: str = DEFAULT_REDIS_PREFIX,
         sentinel_master: str | None = None,
         subscription_buffer: int = DEFAULT_SUBSCRIPTION_BUFFER,
     ) -> None:
         self.url = redact_url(url)
         self._secrets = _url_secrets(url)
         self._prefix = key_prefix
-        self._queue_key = f"{key_prefix}queue"
+        self._keys = RedisKeys(key_prefix)
+        self._queue_key = self._keys.queue
         common: dict[str, Any] = {
             "socket_connect_timeout": SOCKET_TIMEOUT_S,
             "socket_timeout": SOCKET_TIMEOUT_S,
@@ -251,7 +242,6 @@ class RedisBroker:
         self._set_presence = self._redis.register_script(_SET_PRESENCE)
         self._list_presence = self._redis.register_script(_LIST_PRESENCE)
         self._delete_presence = self._redis.register_script(_DELETE_PRESENCE)
-        self._hit = self._redis.register_script(_HIT)
         self._hub = _PubSubHub(self._redis, subscription_buffer, self.reason)
 
     def reason(self, e: BaseException) -> str:
@@ -304,7 +294,7 @@ class RedisBroker:
 
     # -- leader lock -------------------------------------------------------------------------------
     def _lock_keys(self, name: str) -> list[str]:
-        return [f"{self._prefix}lock:{name}", f"{self._prefix}epoch:{name}"]
+        return [self._keys.lock(name), self._keys.epoch(name)]
 
     @_redis_errors
     async def acquire_lock(self, name: str, owner: str, ttl_ms: int) -> int | None:
@@ -331,7 +321,7 @@ class RedisBroker:
 
     # -- presence ------------------------------------------------------------------------------------
     def _presence_keys(self, kind: str, member: str) -> list[str]:
-        return [f"{self._prefix}presence:{kind}:{member}", f"{self._prefix}presence-index:{kind}"]
+        return [self._keys.presence(kind, member), self._keys.presence_index(kind)]
 
     @_redis_errors
     async def set_presence(self, kind: str, member: str, value: str, ttl_ms: int) -> None:
@@ -345,7 +335,7 @@ class RedisBroker:
     @_redis_errors
     async def list_presence(self, kind: str) -> dict[str, str]:
         flat = await self._list_presence(
-            keys=[f"{self._prefix}presence-index:{kind}"], args=[f"{self._prefix}presence:{kind}:"]
+            keys=[self._keys.presence_index(kind)], args=[self._keys.presence(kind)]
         )
         return {flat[i].decode(): flat[i + 1].decode() for i in range(0, len(flat), 2)}
 
@@ -357,16 +347,11 @@ class RedisBroker:
     # -- pub/sub ---------------------------------------------------------------------------------------
     @_redis_errors
     async def publish(self, channel: str, data: bytes) -> None:
-        await self._redis.publish(f"{self._prefix}ch:{channel}", data)
+        await self._redis.publish(self._keys.channel(channel), data)
 
     @_redis_errors
     async def subscribe(self, channel: str) -> QueueSubscription:
-        return await self._hub.subscribe(f"{self._prefix}ch:{channel}", channel)
-
-    # -- rate limits -----------------------------------------------------------------------------------
-    @_redis_errors
-    async def hit(self, key: str, window_s: int) -> int:
-        return int(await self._hit(keys=[], args=[f"{self._prefix}rl:{key}", int(window_s)]))
+        return await self._hub.subscribe(self._keys.channel(channel), channel)
 
 
 class _PubSubHub:

@@ -9,6 +9,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket
+from yardmaster.protocol.close_codes import CloseCode
 
 
 async def deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
@@ -17,11 +18,7 @@ async def deny(websocket: WebSocket, status: int, code: str, message: str) -> No
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
         await websocket.send_denial_response(JSONResponse(body, status_code=status))
     else:  # the ASGI server cannot send a body: a plain close becomes HTTP 403
-        await websocket.close(code=1008)
-
-
-def header(websocket: WebSocket, name: str) -> str | None:
-    return websocket.headers.get(name)
+        await websocket.close(code=CloseCode.POLICY)
 
 
 SEND_FLUSH_S = 5.0

@@ -15,17 +15,15 @@ from typing import Literal, Protocol
 import msgspec
 
 from yardmaster.protocol import messages as m
+from yardmaster.protocol.close_codes import CloseCode
+from yardmaster.server.backends.keys import PRESENCE_AGENT, replica_channel
 from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
 from yardmaster.server.core.subscriptions import read_forever
 from yardmaster.server.observability.metrics import Metrics
 
 log = logging.getLogger("yardmaster.agents")
 
-PRESENCE_AGENT = "agent"
-PRESENCE_REPLICA = "replica"
 
-CLOSE_REVOKED = 4001
-CLOSE_SUPERSEDED = 4002
 
 
 class AgentCommand(msgspec.Struct, kw_only=True):
@@ -50,10 +48,6 @@ class AgentLink(Protocol):
     async def close(self, code: int, reason: str) -> None: ...
 
 
-def replica_channel(replica_id: str) -> str:
-    return f"replica:{replica_id}"
-
-
 class AgentHub:
     def __init__(self, broker: Broker, store: Store, metrics: Metrics, replica_id: str, lease_s: float) -> None:
         self._broker = broker
@@ -74,7 +68,7 @@ class AgentHub:
             read_forever(self._broker, channel, subscription, self._handle), name="agent-commands"
         )
 
-    async def close(self, code: int = 1012, reason: str = "server restarting") -> None:
+    async def close(self, code: int = CloseCode.RESTARTING, reason: str = "server restarting") -> None:
         if self._reader is not None:
             self._reader.cancel()
         links, self.links = list(self.links.values()), {}
@@ -92,7 +86,7 @@ class AgentHub:
         self.links[link.agent_id] = link
         self._metrics.agents_connected.set(len(self.links))
         if old is not None and old is not link:
-            await old.close(CLOSE_SUPERSEDED, "superseded by a new connection")
+            await old.close(CloseCode.SUPERSEDED, "superseded by a new connection")
         previous = await self._broker.get_presence(PRESENCE_AGENT, link.agent_id)
         await self._broker.set_presence(
             PRESENCE_AGENT, link.agent_id, self._presence_value(link), self._presence_ttl_ms
@@ -161,9 +155,9 @@ class AgentHub:
         if command.kind == "send" and command.message is not None:
             await link.send(command.message)
         elif command.kind == "revoke":
-            await link.close(CLOSE_REVOKED, "agent token revoked")
+            await link.close(CloseCode.REVOKED, "agent token revoked")
         elif command.kind == "supersede" and command.session_id == link.session_id:
-            await link.close(CLOSE_SUPERSEDED, "superseded by a new connection")
+            await link.close(CloseCode.SUPERSEDED, "superseded by a new connection")
 
     async def touch_agent(self, agent_id: str) -> None:
         await self._store.update_agent(agent_id, {"last_seen_at": time.time()})

@@ -16,6 +16,7 @@ import msgspec
 
 from yardmaster.protocol import messages as m
 from yardmaster.server.backends.base import BackendUnavailable, Broker, Subscription
+from yardmaster.server.backends.keys import ALL_JOBS_CHANNEL, job_channel, owner_channel
 from yardmaster.server.backends.records import JobRecord, LogEntry
 from yardmaster.server.core.subscriptions import read_forever
 
@@ -32,17 +33,6 @@ class EventHeader(msgspec.Struct):
 
 
 _header = msgspec.json.Decoder(EventHeader)
-
-
-def job_topic(job_id: str) -> str:
-    return f"job:{job_id}"
-
-
-def owner_topic(owner: str) -> str:
-    return f"jobs:{owner}"
-
-
-ALL_JOBS_TOPIC = "jobs:*"
 
 
 def log_message(entry: LogEntry) -> m.Log:
@@ -71,11 +61,11 @@ class EventPublisher:
         self._broker = broker
 
     async def log_entry(self, entry: LogEntry) -> None:
-        await self._safe_publish(job_topic(entry.job_id), _json.encode(log_message(entry)))
+        await self._safe_publish(job_channel(entry.job_id), _json.encode(log_message(entry)))
 
     async def job_state(self, job: JobRecord) -> None:
         data = _json.encode(state_message(job))
-        for topic in (job_topic(job.id), owner_topic(job.owner), ALL_JOBS_TOPIC):
+        for topic in (job_channel(job.id), owner_channel(job.owner), ALL_JOBS_CHANNEL):
             await self._safe_publish(topic, data)
 
     async def _safe_publish(self, topic: str, data: bytes) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from yardmaster.protocol import messages as m
 from yardmaster.protocol.jobs import JobEvent, sources_of
+from yardmaster.server.backends.keys import SCHEDULER_LOCK
 from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
 from yardmaster.server.backends.records import JobRecord
 from yardmaster.server.core.agents import AgentHub
@@ -22,8 +23,6 @@ from yardmaster.server.core.placement import AgentSlots, choose_agent
 from yardmaster.server.observability.metrics import Metrics
 
 log = logging.getLogger("yardmaster.scheduler")
-
-LOCK_NAME = "scheduler"
 
 
 @dataclass(frozen=True)
@@ -79,7 +78,7 @@ class Scheduler:
             await asyncio.gather(self._task, return_exceptions=True)
         if self.epoch is not None:
             try:
-                await self._broker.release_lock(LOCK_NAME, self.owner)
+                await self._broker.release_lock(SCHEDULER_LOCK, self.owner)
             except BackendUnavailable:
                 pass
             self._step_down("shutting down")
@@ -131,10 +130,10 @@ class Scheduler:
     async def _hold_lock(self) -> None:
         ttl_ms = int(self._t.lock_ttl_s * 1000)
         if self.epoch is not None:
-            if await self._broker.renew_lock(LOCK_NAME, self.owner, ttl_ms):
+            if await self._broker.renew_lock(SCHEDULER_LOCK, self.owner, ttl_ms):
                 return
             self._step_down("lock lost")
-        epoch = await self._broker.acquire_lock(LOCK_NAME, self.owner, ttl_ms)
+        epoch = await self._broker.acquire_lock(SCHEDULER_LOCK, self.owner, ttl_ms)
         if epoch is None:
             return
         # From here on, writes fenced with an older epoch fail everywhere.
@@ -143,8 +142,8 @@ class Scheduler:
             # The Broker forgot epochs the Store has seen (Redis lost its data): move its counter
             # past the fence and take the lock again, so our epoch is new and our writes count.
             log.warning("broker epoch behind the store's fence", extra={"epoch": epoch, "fence": fence})
-            await self._broker.raise_epoch(LOCK_NAME, fence)
-            await self._broker.release_lock(LOCK_NAME, self.owner)
+            await self._broker.raise_epoch(SCHEDULER_LOCK, fence)
+            await self._broker.release_lock(SCHEDULER_LOCK, self.owner)
             return
         self.epoch = epoch
         self._metrics.is_leader.set(1)
@@ -159,7 +158,7 @@ class Scheduler:
 
     async def _fenced_refused(self) -> None:
         """A fenced write failed: if a newer leader exists, stop acting as one."""
-        _, latest = await self._broker.lock_holder(LOCK_NAME)
+        _, latest = await self._broker.lock_holder(SCHEDULER_LOCK)
         if self.epoch is not None and latest > self.epoch:
             self._step_down(f"epoch {latest} is newer than ours")
 

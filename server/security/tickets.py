@@ -11,10 +11,10 @@ import secrets
 import msgspec
 
 from yardmaster.server.backends.base import Broker
+from yardmaster.server.backends.keys import PRESENCE_TICKET
 from yardmaster.server.security import tokens
 from yardmaster.server.security.principals import Principal
 
-_KIND = "ws-ticket"
 
 
 class TicketService:
@@ -25,7 +25,7 @@ class TicketService:
     async def issue(self, principal: Principal) -> str:
         ticket = "ymt_" + secrets.token_urlsafe(32)
         await self._broker.set_presence(
-            _KIND, tokens.token_hash(ticket), msgspec.json.encode(principal).decode(), int(self.ttl_s * 1000)
+            PRESENCE_TICKET, tokens.token_hash(ticket), msgspec.json.encode(principal).decode(), int(self.ttl_s * 1000)
         )
         return ticket
 
@@ -33,7 +33,7 @@ class TicketService:
         if not ticket.startswith("ymt_") or len(ticket) > 100:
             return None
         key = tokens.token_hash(ticket)
-        value = await self._broker.get_presence(_KIND, key)
-        if value is None or not await self._broker.delete_presence(_KIND, key, if_value=value):
+        value = await self._broker.get_presence(PRESENCE_TICKET, key)
+        if value is None or not await self._broker.delete_presence(PRESENCE_TICKET, key, if_value=value):
             return None
         return msgspec.json.decode(value, type=Principal)

@@ -98,7 +98,7 @@ async def test_assign_accepts_and_is_idempotent() -> None:
     await h.started("j1")
     assert h.sup.handle(assign("j1")) == [m.JobAccept(job_id="j1", attempt=1)]
     assert list(h.executor.runs) == [("j1", 1)]
-    assert h.sup.heartbeat() == m.Heartbeat(running=[m.RunningJob(job_id="j1", attempt=1, last_seq=-1)], free_slots=1)
+    assert h.sup.heartbeat() == m.Heartbeat(running=[m.RunningJob(job_id="j1", attempt=1, last_seq=-1)])
 
 
 async def test_assign_rejected_when_full_or_draining() -> None:

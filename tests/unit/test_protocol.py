@@ -51,7 +51,7 @@ def test_protocol_package_imports_no_io() -> None:
 SPEC = JobSpec(image="busybox", command=["echo", "hi"], env={"A": "1"}, labels=["gpu"])
 AGENT_SIDE = [
     m.Hello(name="a", version="1", labels=["x"], capacity=2, running=[m.RunningJob(job_id="j", attempt=1, last_seq=4)]),
-    m.Heartbeat(running=[m.RunningJob(job_id="j", attempt=1)], free_slots=1),
+    m.Heartbeat(running=[m.RunningJob(job_id="j", attempt=1)]),
     m.JobAccept(job_id="j", attempt=1),
     m.JobReject(job_id="j", attempt=1, reason="busy"),
     m.LogChunk(job_id="j", attempt=1, seq=0, stream="stderr", data=b"\xff\x00bytes", ts=1.5),

@@ -34,7 +34,37 @@ def test_settings_from_environment_are_validated_by_name() -> None:
     with pytest.raises(SettingsError, match="YM_REDIS_URL"):
         load_settings({"YM_REDIS_URL": "http://nope"})
     secret = "redis://:hunter2@localhost"
-    assert "hunter2" not in repr(load_settings({"YM_ADMIN_KEY": "ymk_x", "YM_REDIS_URL": secret}).admin_key)
+    loaded = load_settings({"YM_ADMIN_KEY": "ymk_x", "YM_REDIS_URL": secret})
+    assert "hunter2" not in repr(loaded) and "ymk_x" not in repr(loaded)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("YM_MAX_REQUEST_BODY_BYTES", "-5"),
+        ("YM_VIEWER_BUFFER_BYTES", "12"),
+        ("YM_LOG_CAP_BYTES", "-1"),
+        ("YM_LEASE_S", "-1"),
+        ("YM_PORT", "70000"),
+        ("YM_ALLOW_ROOT_JOBS", "maybe"),
+        ("YM_MAX_JOB_CPUS", "-3"),
+        ("YM_MAX_CLIENT_SOCKETS_PER_PRINCIPAL", "-2"),
+    ],
+)
+def test_settings_out_of_range_are_refused_naming_the_variable_not_the_value(name: str, value: str) -> None:
+    with pytest.raises(SettingsError, match=name) as info:
+        load_settings({name: value})
+    assert value not in str(info.value).replace(name, "")
+
+
+def test_settings_parse_booleans_lists_and_empty_optionals() -> None:
+    s = load_settings({"YM_ALLOW_ROOT_JOBS": "true", "YM_ALLOWED_IMAGES": "busybox:*, ghcr.io/acme/*", "YM_ADMIN_KEY": ""})
+    assert s.allow_root_jobs is True
+    assert s.allowed_images == ("busybox:*", "ghcr.io/acme/*")
+    assert s.admin_key is None
+    assert load_settings({}).effective_trusted_hosts()[:2] == ("127.0.0.1", "localhost")
+    with pytest.raises(SettingsError, match="YM_TLS_CERT_FILE"):
+        load_settings({"YM_TLS_CERT_FILE": "/x.pem"})
 
 
 def _agents(*specs: tuple[str, set[str], int]) -> list[AgentSlots]:

@@ -11,6 +11,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from yardmaster.protocol import messages as m
 from yardmaster.protocol.codec import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, Codec, DecodeError, agent_server_codec
+from yardmaster.protocol.close_codes import CloseCode
 from yardmaster.server.backends.base import BackendUnavailable
 from yardmaster.server.backends.records import AgentRecord
 from yardmaster.server.channels.common import deny, run_socket
@@ -21,8 +22,6 @@ from yardmaster.server.security.principals import bearer_token
 
 log = logging.getLogger("yardmaster.channels.agent")
 
-CLOSE_PROTOCOL = 4003
-CLOSE_TOO_SLOW = 4008
 HELLO_TIMEOUT_S = 10.0
 OUTBOX_LIMIT = 1000
 MAX_ERRORS = 20  # a peer that keeps sending garbage is broken: close it
@@ -69,7 +68,7 @@ class AgentConnection:
         self.codec = codec
         self._outbox: asyncio.Queue[m.ServerToAgent | None] = asyncio.Queue(OUTBOX_LIMIT)
         self._closed = asyncio.Event()
-        self._close_code = 1000
+        self._close_code: int = CloseCode.NORMAL
         self._close_reason = ""
 
     async def send(self, msg: m.ServerToAgent) -> None:
@@ -78,7 +77,7 @@ class AgentConnection:
         try:
             self._outbox.put_nowait(msg)
         except asyncio.QueueFull:
-            await self.close(CLOSE_TOO_SLOW, "agent does not read its messages")
+            await self.close(CloseCode.TOO_SLOW, "agent does not read its messages")
 
     async def close(self, code: int, reason: str) -> None:
         if self._closed.is_set():
@@ -129,10 +128,10 @@ class AgentConnection:
         try:
             first = await asyncio.wait_for(self._receive(), timeout=HELLO_TIMEOUT_S)
         except TimeoutError:
-            await self.close(CLOSE_PROTOCOL, "no hello")
+            await self.close(CloseCode.PROTOCOL_ERROR, "no hello")
             return
         if not isinstance(first, m.Hello):
-            await self.close(CLOSE_PROTOCOL, "the first message must be hello")
+            await self.close(CloseCode.PROTOCOL_ERROR, "the first message must be hello")
             return
         await self._on_hello(first)
         errors = 0
@@ -143,11 +142,11 @@ class AgentConnection:
             if isinstance(msg, DecodeError):
                 self.rt.metrics.messages.labels("agent", "in", "invalid").inc()
                 if msg.code == m.ERR_TOO_BIG:
-                    await self.close(1009, "message too big")
+                    await self.close(CloseCode.TOO_BIG, "message too big")
                     return
                 errors += 1
                 if errors > MAX_ERRORS:
-                    await self.close(CLOSE_PROTOCOL, "too many invalid messages")
+                    await self.close(CloseCode.PROTOCOL_ERROR, "too many invalid messages")
                     return
                 await self.send(msg.to_error())
                 continue
@@ -157,7 +156,7 @@ class AgentConnection:
             except BackendUnavailable as exc:
                 # Nothing was acknowledged: the agent keeps what it sent and re-sends it later.
                 log.warning("state unavailable while handling agent message", extra={"reason": str(exc)})
-                await self.close(1011, "state temporarily unavailable")
+                await self.close(CloseCode.INTERNAL_ERROR, "state temporarily unavailable")
                 return
 
     async def _on_hello(self, hello: m.Hello) -> None:
@@ -182,7 +181,6 @@ class AgentConnection:
                 heartbeat_interval_s=rt.settings.heartbeat_interval_s,
                 lease_s=rt.settings.lease_s,
                 resume=resume,
-                max_message_bytes=rt.settings.max_agent_message_bytes,
             )
         )
         for cancel in await rt.jobs.cancels_for(self.agent_id, hello.running):

@@ -19,15 +19,16 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from yardmaster.protocol import messages as m
 from yardmaster.protocol.codec import DecodeError, client_server_codec
+from yardmaster.protocol.close_codes import CloseCode
 from yardmaster.server.backends.base import BackendUnavailable
 from yardmaster.server.channels.common import deny, run_socket
-from yardmaster.server.core.events import ALL_JOBS_TOPIC, EventHeader, job_topic, log_message, owner_topic, state_message
+from yardmaster.server.backends.keys import ALL_JOBS_CHANNEL, job_channel, owner_channel
+from yardmaster.server.core.events import EventHeader, log_message, state_message
 from yardmaster.server.runtime import Runtime
 from yardmaster.server.security.principals import Principal, bearer_token, principal_for_api_key
 
 log = logging.getLogger("yardmaster.channels.client")
 
-CLOSE_TOO_SLOW = 4008
 HISTORY_PAGE = 500
 _json = msgspec.json.Encoder()
 
@@ -80,7 +81,7 @@ class ClientConnection:
         self._listeners: dict[str, object] = {}
         self._feeds: dict[str, _JobFeed] = {}
         self._closed = asyncio.Event()
-        self._close_code = 1000
+        self._close_code: int = CloseCode.NORMAL
         self._close_reason = ""
         self._lock = asyncio.Lock()  # one catch-up at a time per socket
         self._drained = asyncio.Event()
@@ -94,7 +95,7 @@ class ClientConnection:
         size = len(text)
         if self._buffered + size > self._limit:
             self.rt.metrics.slow_consumers.inc()
-            self.close(CLOSE_TOO_SLOW, "too slow: resume from your last offset")
+            self.close(CloseCode.TOO_SLOW, "too slow: resume from your last offset")
             return
         self._buffered += size
         self._outbox.put_nowait(text)
@@ -155,7 +156,7 @@ class ClientConnection:
         feed.held_bytes += len(data)
         if feed.held_bytes > self._limit:
             self.rt.metrics.slow_consumers.inc()
-            self.close(CLOSE_TOO_SLOW, "too slow: resume from your last offset")
+            self.close(CloseCode.TOO_SLOW, "too slow: resume from your last offset")
             return
         feed.held.append((header, data))
 
@@ -181,7 +182,7 @@ class ClientConnection:
                 for header, data in held:
                     self._on_event(topic, header, data)
         except BackendUnavailable:
-            self.close(1011, "state temporarily unavailable: resume from your last offset")
+            self.close(CloseCode.INTERNAL_ERROR, "state temporarily unavailable: resume from your last offset")
 
     # ---- requests ----------------------------------------------------------------------------------
 
@@ -191,7 +192,7 @@ class ClientConnection:
             self.send(m.Error(code=m.ERR_BAD_TOPIC, message=f"already subscribed to {topic}"))
             return
         if topic == "jobs":
-            broker_topic = ALL_JOBS_TOPIC if self.principal.is_admin else owner_topic(self.principal.id)
+            broker_topic = ALL_JOBS_CHANNEL if self.principal.is_admin else owner_channel(self.principal.id)
             await self._listen(topic, broker_topic)
             self.send(m.Subscribed(topic=topic))
             return
@@ -207,7 +208,7 @@ class ClientConnection:
         start = max(0, msg.from_offset) if msg.from_offset is not None else None
         feed = _JobFeed(job_id, start)
         self._feeds[topic] = feed
-        await self._listen(topic, job_topic(job_id))
+        await self._listen(topic, job_channel(job_id))
         next_offset = await self.rt.store.next_log_offset(job_id)
         if start is None and feed.next_offset is None:
             feed.next_offset = next_offset
@@ -256,11 +257,11 @@ class ClientConnection:
             except DecodeError as exc:
                 self.rt.metrics.messages.labels("client", "in", "invalid").inc()
                 if exc.code == m.ERR_TOO_BIG:
-                    self.close(1009, "message too big")
+                    self.close(CloseCode.TOO_BIG, "message too big")
                     return
                 errors += 1
                 if errors > 20:
-                    self.close(4003, "too many invalid messages")
+                    self.close(CloseCode.PROTOCOL_ERROR, "too many invalid messages")
                     return
                 self.send(exc.to_error())
                 continue
@@ -274,7 +275,7 @@ class ClientConnection:
                 elif isinstance(msg, m.Ping):
                     self.send(m.Pong(id=msg.id))
             except BackendUnavailable:
-                self.close(1011, "state temporarily unavailable: resume from your last offset")
+                self.close(CloseCode.INTERNAL_ERROR, "state temporarily unavailable: resume from your last offset")
                 return
 
 

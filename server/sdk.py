@@ -4,7 +4,7 @@
     job = client.submit_job({"image": "busybox", "command": ["echo", "hi"]})
     final = client.follow_logs(job["id"], on_log=lambda e: print(e.text, end=""))
 
-Errors from the server raise `ApiError`; a server that cannot be reached raises
+Errors from the server raise `RequestRefused`; a server that cannot be reached raises
 `ServerUnreachable`. Neither ever carries the API key.
 """
 
@@ -26,7 +26,7 @@ from yardmaster.protocol import messages as m
 from yardmaster.protocol.codec import SUBPROTOCOL_JSON, DecodeError, client_reader_codec
 from yardmaster.protocol.jobs import TERMINAL_STATES
 
-__all__ = ["ApiError", "ServerUnreachable", "YardmasterClient", "LogHandler", "StateHandler"]
+__all__ = ["RequestRefused", "ServerUnreachable", "YardmasterClient", "LogHandler", "StateHandler"]
 
 LogHandler = Callable[[m.Log], None]
 StateHandler = Callable[[m.JobStateMsg], None]
@@ -38,7 +38,7 @@ _WS_MAX_BYTES = 16 << 20
 _MAX_RECONNECTS = 8  # consecutive failed WebSocket sessions before giving up
 
 
-class ApiError(Exception):
+class RequestRefused(Exception):
     """The server refused a request. `status` is the HTTP status (0 for an `error` message
     received over the WebSocket); `code` is the machine-readable error code."""
 
@@ -59,14 +59,14 @@ class ServerUnreachable(Exception):
         self.reason = reason
 
 
-def _error_from_body(status: int, body: bytes, reason: str) -> ApiError:
+def _error_from_body(status: int, body: bytes, reason: str) -> RequestRefused:
     try:
         err = json.loads(body)["error"]
-        return ApiError(status, str(err.get("code") or f"http-{status}"), str(err.get("message") or reason),
+        return RequestRefused(status, str(err.get("code") or f"http-{status}"), str(err.get("message") or reason),
                         err.get("field"))
     except (ValueError, KeyError, TypeError, AttributeError):
         snippet = body[:200].decode("utf-8", "replace").strip()
-        return ApiError(status, f"http-{status}", snippet or reason)
+        return RequestRefused(status, f"http-{status}", snippet or reason)
 
 
 def _ws_url(base_url: str) -> str:
@@ -127,7 +127,7 @@ class YardmasterClient:
         try:
             return resp.json()
         except ValueError:
-            raise ApiError(resp.status_code, "bad-response", "the server sent a response that is not JSON") from None
+            raise RequestRefused(resp.status_code, "bad-response", "the server sent a response that is not JSON") from None
 
     def submit_job(self, spec: dict[str, Any] | msgspec.Struct) -> dict[str, Any]:
         body = msgspec.to_builtins(spec) if isinstance(spec, msgspec.Struct) else spec
@@ -273,7 +273,7 @@ class _Follower:
                 elif isinstance(msg, m.JobStateMsg) and msg.job_id == self.job_id:
                     self._state(msg)
                 elif isinstance(msg, m.Error):
-                    raise ApiError(0, msg.code, msg.message or msg.code)
+                    raise RequestRefused(0, msg.code, msg.message or msg.code)
                 if self.final is not None:
                     return subscribed
         return subscribed

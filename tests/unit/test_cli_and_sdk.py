@@ -11,8 +11,8 @@ import msgspec
 import pytest
 
 from yardmaster.protocol.jobs import JobSpecRequest
-from yardmaster.server import cli_client as cli
-from yardmaster.server.client import ApiError, ServerUnreachable, YardmasterClient, _ws_url
+from yardmaster.server import cli_commands as cli
+from yardmaster.server.sdk import RequestRefused, ServerUnreachable, YardmasterClient, _ws_url
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -133,12 +133,12 @@ URL = "http://127.0.0.1:8080"
 
 @pytest.mark.parametrize("exc, line", [
     (ServerUnreachable(URL, "connection refused"), f"cannot reach the server at {URL}: connection refused"),
-    (ApiError(401, "unauthorized", "bad token"), "the API key was refused"),
-    (ApiError(422, "invalid-spec", "Expected `int` >= 1", "timeout_s"), "invalid job spec: timeout_s: Expected `int` >= 1"),
-    (ApiError(404, "not-found", "no job j9"), "not found: no job j9"),
-    (ApiError(409, "already-finished", "job is succeeded"), "job is succeeded (409 already-finished)"),
-    (ApiError(503, "unavailable", "store down"), "server error (503): store down"),
-    (ApiError(0, "forbidden", "not your job"), "permission denied: not your job"),
+    (RequestRefused(401, "unauthorized", "bad token"), "the API key was refused"),
+    (RequestRefused(422, "invalid-spec", "Expected `int` >= 1", "timeout_s"), "invalid job spec: timeout_s: Expected `int` >= 1"),
+    (RequestRefused(404, "not-found", "no job j9"), "not found: no job j9"),
+    (RequestRefused(409, "already-finished", "job is succeeded"), "job is succeeded (409 already-finished)"),
+    (RequestRefused(503, "unavailable", "store down"), "server error (503): store down"),
+    (RequestRefused(0, "forbidden", "not your job"), "permission denied: not your job"),
 ])
 def test_error_lines(exc: Exception, line: str) -> None:
     text = cli.error_line(exc, URL)
@@ -196,7 +196,7 @@ def test_client_sends_bearer_and_decodes() -> None:
 def test_client_error_body_becomes_api_error_without_the_key() -> None:
     body = {"error": {"code": "invalid-spec", "message": "Expected `int`", "field": "timeout_s"}}
     client = fake_client(httpx.MockTransport(lambda r: httpx.Response(422, json=body)))
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(RequestRefused) as info:
         client.submit_job({"image": "b", "command": "x"})
     err = info.value
     assert (err.status, err.code, err.field) == (422, "invalid-spec", "timeout_s")
@@ -205,7 +205,7 @@ def test_client_error_body_becomes_api_error_without_the_key() -> None:
 
 def test_client_non_json_error() -> None:
     client = fake_client(httpx.MockTransport(lambda r: httpx.Response(502, text="<html>bad gateway</html>")))
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(RequestRefused) as info:
         client.get_job("j1")
     assert (info.value.status, info.value.code) == (502, "http-502")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from yardmaster.protocol import messages as m
-from yardmaster.server.client import ApiError, ServerUnreachable, YardmasterClient
+from yardmaster.server.sdk import RequestRefused, ServerUnreachable, YardmasterClient
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA_DIR = "./.yardmaster"
@@ -109,7 +109,7 @@ def error_line(exc: Exception, url: str, submitting: bool = False) -> str:
         return f"cannot reach the server at {url}: {exc.reason}"
     if isinstance(exc, UsageError):
         return str(exc)
-    if isinstance(exc, ApiError):
+    if isinstance(exc, RequestRefused):
         where = f"{exc.field}: " if exc.field else ""
         if exc.status == 401 or exc.code == "unauthorized":
             return "the API key was refused"
@@ -371,7 +371,7 @@ def run_client_command(args: argparse.Namespace, environ: dict[str, str] | os._E
         api_key = resolve_api_key(getattr(args, "api_key", None), env)
         with YardmasterClient(url, api_key) as client:
             return handler(args, client)
-    except (ApiError, ServerUnreachable, UsageError) as exc:
+    except (RequestRefused, ServerUnreachable, UsageError) as exc:
         sys.stderr.write(f"error: {error_line(exc, url, submitting=handler is cmd_submit)}\n")
         return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:

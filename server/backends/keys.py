@@ -1,0 +1,64 @@
+"""Every Broker name in one place: lock names, presence kinds, pub/sub channels, and the Redis key
+layout they map to. Nothing else builds a Broker key or channel name by hand.
+
+Channels (pub/sub):
+  job:<job id>          log and job-state events of one job (client-channel `job:<id>` topics)
+  jobs:<owner>          job-state events of one owner's jobs (the `jobs` topic of a user)
+  jobs:*                job-state events of every job (the `jobs` topic of an admin)
+  replica:<replica id>  commands for the agent sockets one replica holds
+  principals            revocations: every replica closes the sockets of a revoked key
+"""
+
+from __future__ import annotations
+
+# ---- logical names, the same for every Broker ----------------------------------------------
+
+SCHEDULER_LOCK = "scheduler"
+
+PRESENCE_AGENT = "agent"  # agent id -> AgentPresence (which replica holds its socket)
+PRESENCE_REPLICA = "replica"  # replica id -> ReplicaPresence (host and pid)
+PRESENCE_TICKET = "ws-ticket"  # sha256(ticket) -> the principal the ticket stands for
+
+ALL_JOBS_CHANNEL = "jobs:*"
+PRINCIPALS_CHANNEL = "principals"
+
+
+def job_channel(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def owner_channel(owner: str) -> str:
+    return f"jobs:{owner}"
+
+
+def replica_channel(replica_id: str) -> str:
+    return f"replica:{replica_id}"
+
+
+# ---- the Redis key layout (RedisBroker), all under one prefix ---------------------------------
+
+DEFAULT_REDIS_PREFIX = "ym:"
+
+
+class RedisKeys:
+    """queue, lock:<name>, epoch:<name>, presence:<kind>:<member>, presence-index:<kind>,
+    and channels ch:<channel>. Epoch keys have no TTL: fencing needs them to survive."""
+
+    def __init__(self, prefix: str = DEFAULT_REDIS_PREFIX) -> None:
+        self.prefix = prefix
+        self.queue = f"{prefix}queue"
+
+    def lock(self, name: str) -> str:
+        return f"{self.prefix}lock:{name}"
+
+    def epoch(self, name: str) -> str:
+        return f"{self.prefix}epoch:{name}"
+
+    def presence(self, kind: str, member: str = "") -> str:
+        return f"{self.prefix}presence:{kind}:{member}"
+
+    def presence_index(self, kind: str) -> str:
+        return f"{self.prefix}presence-index:{kind}"
+
+    def channel(self, channel: str) -> str:
+        return f"{self.prefix}ch:{channel}"
