@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
 import urllib.parse
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from websockets.typing import Subprotocol
 
 from yardmaster.agent.supervisor import Emit, Supervisor
 from yardmaster.protocol import messages as m
+from yardmaster.protocol import urls
 from yardmaster.protocol.close_codes import AGENT_FATAL, CloseCode
 from yardmaster.protocol.codec import (
     DEFAULT_MAX_MESSAGE_BYTES,
@@ -66,6 +68,29 @@ def agent_ws_url(base: str) -> str:
     return urllib.parse.urlunsplit((scheme, url.netloc, path, url.query, ""))
 
 
+def tls_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """The TLS context that trusts `ca_file` (PEM) instead of the system CAs; None: the system CAs.
+    Raises ValueError naming the file when it cannot be read."""
+    if ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot use CA file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def plaintext_credential_warning(url: str) -> str | None:
+    return urls.plaintext_credential_warning(url, "the agent token and job traffic", "use wss:// (YM_TLS_CERT_FILE on the server, or a TLS proxy)")
+
+
+def connect_error(exc: BaseException) -> str:
+    """One line for a failed connection attempt; a TLS certificate that is not trusted says what to do."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"the server's TLS certificate is not trusted ({getattr(exc, 'verify_message', None) or exc}); "
+                "pass --ca-file or set YM_CA_FILE to the CA certificate that signed it")
+    return str(exc) or type(exc).__name__
+
+
 def backoff_delay(failures: int, base: float = 0.5, cap: float = 15.0, rng: random.Random | None = None) -> float:
     """Full-jitter exponential backoff: uniform in [0, min(cap, base * 2**failures)]."""
     rng = rng or random.Random()
@@ -77,6 +102,7 @@ class ConnectionSettings:
     urls: list[str]  # agent WebSocket URLs (see agent_ws_url)
     token: str
     use_json: bool = False
+    ca_file: str | None = None  # PEM CA certificate(s) for wss:// instead of the system CAs
     backoff_base_s: float = 0.5
     backoff_cap_s: float = 15.0
     open_timeout_s: float = 10.0
@@ -99,6 +125,7 @@ class AgentConnection:
         self._rng = random.Random()
         self._in_session = False
         self._subprotocol = SUBPROTOCOL_JSON if settings.use_json else SUBPROTOCOL_MSGPACK
+        self._tls = tls_context(settings.ca_file)
 
     def request_stop(self) -> None:
         """Shut down: called from the SIGTERM/SIGINT handler."""
@@ -131,7 +158,7 @@ class AgentConnection:
                     delay = backoff_delay(failures, self.settings.backoff_base_s, self.settings.backoff_cap_s, self._rng)
                     failures += 1
             except (OSError, InvalidHandshake, TimeoutError, ConnectionClosed, DecodeError) as exc:
-                log.warning("cannot connect to %s: %s", url, exc or type(exc).__name__)
+                log.warning("cannot connect to %s: %s", url, connect_error(exc))
                 index += 1
                 delay = backoff_delay(failures, self.settings.backoff_base_s, self.settings.backoff_cap_s, self._rng)
                 failures += 1
@@ -156,6 +183,8 @@ class AgentConnection:
             stopper.cancel()
 
     async def _connect_once(self, url: str) -> int:
+        # websockets refuses an ssl argument for ws://, and makes a default context for wss://.
+        tls = {"ssl": self._tls} if self._tls is not None and url.startswith("wss://") else {}
         try:
             ws = await connect(
                 url,
@@ -166,6 +195,7 @@ class AgentConnection:
                 open_timeout=self.settings.open_timeout_s,
                 proxy=None,  # loopback/LAN servers only: never route through an environment proxy
                 origin=None,
+                **tls,
             )
         except InvalidStatus as exc:
             status = exc.response.status_code

@@ -12,7 +12,16 @@ import sys
 from dataclasses import dataclass, field
 
 from yardmaster.agent import __version__
-from yardmaster.agent.connection import EXIT_FATAL_CLOSE, AgentConnection, AuthRefused, ConnectionSettings, FatalClose, agent_ws_url
+from yardmaster.agent.connection import (
+    EXIT_FATAL_CLOSE,
+    AgentConnection,
+    AuthRefused,
+    ConnectionSettings,
+    FatalClose,
+    agent_ws_url,
+    plaintext_credential_warning,
+    tls_context,
+)
 from yardmaster.agent.executors.base import Executor, ExecutorUnavailable
 from yardmaster.agent.executors.docker import DockerExecutor
 from yardmaster.agent.executors.process import ProcessExecutor
@@ -39,6 +48,7 @@ class Options:
     executor: str = "docker"
     use_json: bool = False
     log_level: str = "INFO"
+    ca_file: str | None = None
 
 
 def _split(value: str | None) -> list[str]:
@@ -55,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--capacity", type=int, help="job slots (env YM_AGENT_CAPACITY, default 2)")
     p.add_argument("--executor", choices=("docker", "process"), help="env YM_AGENT_EXECUTOR, default docker")
     p.add_argument("--json", action="store_true", help="use the JSON subprotocol instead of MessagePack")
+    p.add_argument("--ca-file", metavar="PEM", help="CA certificate(s) to trust for wss:// instead of the system's (env YM_CA_FILE)")
     p.add_argument("--log-level", default=os.environ.get("YM_LOG_LEVEL", "INFO"), help="default INFO")
     p.add_argument("--version", action="version", version=f"yardmaster-agent {__version__}")
     return p
@@ -93,8 +104,19 @@ def parse_options(argv: list[str] | None, env: dict[str, str] | os._Environ[str]
         capacity=capacity,
         executor=executor,
         use_json=args.json,
+        ca_file=_ca_file(args.ca_file or env.get("YM_CA_FILE")),
         log_level=level,
     )
+
+
+def _ca_file(path: str | None) -> str | None:
+    if not path or not path.strip():
+        return None
+    try:
+        tls_context(path.strip())  # read now: a bad file is a usage error, not a reconnect loop
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    return path.strip()
 
 
 def _fail(message: str, code: int) -> int:
@@ -115,7 +137,11 @@ async def run_agent(opts: Options) -> int:
         return _fail(str(exc), EXIT_EXECUTOR)
     supervisor = Supervisor(AgentConfig(name=opts.name, version=__version__, labels=opts.labels,
                                         capacity=opts.capacity), executor)
-    conn = AgentConnection(ConnectionSettings(urls=opts.urls, token=opts.token, use_json=opts.use_json), supervisor)
+    conn = AgentConnection(ConnectionSettings(urls=opts.urls, token=opts.token, use_json=opts.use_json,
+                                              ca_file=opts.ca_file), supervisor)
+    for url in opts.urls:
+        if (warning := plaintext_credential_warning(url)) is not None:
+            log.warning("%s", warning)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, conn.request_stop)

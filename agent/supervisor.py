@@ -41,6 +41,7 @@ class Supervisor:
         self.draining = False
         self.drained = asyncio.Event()  # set once draining and every job is delivered
         self.heartbeat_interval_s = 10.0
+        self.capacity = config.capacity  # job slots: what the server granted, once welcomed
         self._dying: set[JobRunner] = set()  # discarded runners still stopping their process
         self._emit: Emit | None = None
         self._clock = clock
@@ -77,8 +78,9 @@ class Supervisor:
 
     @property
     def free_slots(self) -> int:
-        busy = sum(1 for r in self.runners.values() if not r.finished)
-        return max(0, self.config.capacity - busy)
+        # A job holds its slot until the server acknowledged all of it: the `running` list of a
+        # hello or heartbeat may then never be longer than the capacity (the server checks).
+        return max(0, self.capacity - len(self._running()))
 
     # ---- messages ------------------------------------------------------------------------------
 
@@ -119,6 +121,7 @@ class Supervisor:
 
     def _on_welcome(self, welcome: m.Welcome) -> list[m.AgentToServer]:
         self.heartbeat_interval_s = welcome.heartbeat_interval_s
+        self._apply_grant(welcome)
         out: list[m.AgentToServer] = []
         mentioned: set[str] = set()
         for resume in welcome.resume:
@@ -138,6 +141,21 @@ class Supervisor:
             if job_id not in mentioned:
                 out.extend(runner.pending_messages())
         return out
+
+    def _apply_grant(self, welcome: m.Welcome) -> None:
+        """The server's registration decides labels and capacity; say what it did not grant."""
+        if welcome.labels is not None:
+            missing = sorted(set(self.config.labels) - set(welcome.labels))
+            if missing:
+                log.warning("the server did not grant the labels %s (granted: %s)",
+                            ", ".join(missing), ", ".join(welcome.labels) or "none")
+        if welcome.capacity is None:
+            self.capacity = self.config.capacity  # a server that predates grants
+            return
+        if welcome.capacity < self.config.capacity:
+            log.warning("the server granted a capacity of %d of the %d asked for", welcome.capacity,
+                        self.config.capacity)
+        self.capacity = min(welcome.capacity, self.config.capacity)
 
     def _on_assign(self, assign: m.JobAssign) -> list[m.AgentToServer]:
         existing = self.runners.get(assign.job_id)

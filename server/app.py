@@ -11,14 +11,14 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import WebSocketRoute
 
-from yardmaster.server.api import agents, cluster, health, jobs
+from yardmaster.server.api import agents, cluster, health, jobs, keys
 from yardmaster.server.api.errors import EXCEPTION_HANDLERS
 from yardmaster.server.backends import make_broker
 from yardmaster.server.backends.base import Broker, Store
 from yardmaster.server.backends.stores import make_store
 from yardmaster.server.channels.agent_channel import agent_endpoint
 from yardmaster.server.channels.client_channel import client_endpoint
-from yardmaster.server.observability.middleware import RequestContextMiddleware
+from yardmaster.server.observability.middleware import HostCheckMiddleware, RequestContextMiddleware, trusted_host_policy
 from yardmaster.server.runtime import Runtime
 from yardmaster.server.settings import Settings
 
@@ -52,10 +52,16 @@ def build_app(settings: Settings, *, broker: Broker | None = None, store: Store 
         *jobs.routes,
         *agents.routes,
         *cluster.routes,
+        *keys.routes,
         WebSocketRoute("/ws/agent", agent_endpoint),
         WebSocketRoute("/ws/client", client_endpoint),
     ]
-    middleware = [Middleware(RequestContextMiddleware)]
+    hosts, any_ip_address = trusted_host_policy(settings)
+    # Against DNS rebinding: a page on a foreign name that resolves to us has that name in Host.
+    middleware = [
+        Middleware(RequestContextMiddleware),
+        Middleware(HostCheckMiddleware, allowed_hosts=hosts, any_ip_address=any_ip_address),
+    ]
     if settings.allowed_origins:
         # Starlette's CORS middleware does not cover WebSockets: the client channel checks Origin itself.
         middleware.append(

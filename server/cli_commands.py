@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from yardmaster.protocol import messages as m
-from yardmaster.server.sdk import RequestRefused, ServerUnreachable, YardmasterClient
+from yardmaster.server.sdk import (
+    RequestRefused,
+    ServerUnreachable,
+    YardmasterClient,
+    plaintext_credential_warning,
+    tls_context,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_DATA_DIR = "./.yardmaster"
@@ -85,6 +91,8 @@ def build_job_spec(args: argparse.Namespace) -> dict[str, Any]:
         resources["memory_mb"] = args.memory_mb
     if resources:
         spec["resources"] = resources
+    if getattr(args, "executor", None) is not None:
+        spec["executor"] = args.executor
     return spec
 
 
@@ -253,6 +261,20 @@ def cmd_agents_create(args: argparse.Namespace, client: YardmasterClient) -> int
     return 0
 
 
+def cmd_agents_update(args: argparse.Namespace, client: YardmasterClient) -> int:
+    if args.clear_labels and args.label:
+        raise UsageError("--clear-labels and --label exclude each other")
+    labels = [] if args.clear_labels else (args.label or None)
+    if labels is None and args.capacity is None:
+        raise UsageError("nothing to change: give --label, --clear-labels or --capacity")
+    agent = client.update_agent(args.id, labels=labels, capacity=args.capacity)
+    print(f"agent {agent.get('id', args.id)} ({agent.get('name', '?')}): "
+          f"labels {','.join(agent.get('registered_labels') or []) or '-'}, "
+          f"capacity {agent.get('registered_capacity', '?')} registered; "
+          f"effective labels {','.join(agent.get('labels') or []) or '-'}, capacity {agent.get('capacity', '?')}")
+    return 0
+
+
 def cmd_agents_drain(args: argparse.Namespace, client: YardmasterClient) -> int:
     agent = client.drain_agent(args.id)
     where = "it finishes its running jobs, then disconnects" if agent.get("connected") else "it is not connected"
@@ -296,6 +318,8 @@ def _common_options() -> argparse.ArgumentParser:
     group.add_argument("--url", default=argparse.SUPPRESS, help=f"server URL (env YM_URL, default {DEFAULT_URL})")
     group.add_argument("--api-key", default=argparse.SUPPRESS,
                        help="API key (env YM_API_KEY, else the file $YM_DATA_DIR/admin-key)")
+    group.add_argument("--ca-file", default=argparse.SUPPRESS, metavar="PEM",
+                       help="CA certificate(s) to trust for https:// instead of the defaults (env YM_CA_FILE)")
     return common
 
 
@@ -314,6 +338,8 @@ def add_client_commands(subparsers: Any) -> None:
     p.add_argument("--max-attempts", type=_positive_int, help="attempts before the job is lost")
     p.add_argument("--memory-mb", type=_positive_int, help="memory limit in MiB")
     p.add_argument("--cpus", type=float, help="CPU limit")
+    p.add_argument("--executor", choices=("docker", "process"),
+                   help="docker (default) or process: only `--executor process` agents run process jobs")
     p.add_argument("--follow", "-f", action="store_true",
                    help="stream the logs and exit with the job's exit code")
     # dest "argv", not "command": the top-level parser usually stores the subcommand there.
@@ -342,7 +368,7 @@ def add_client_commands(subparsers: Any) -> None:
 
     p = subparsers.add_parser("agents", parents=[common], help="list, create or revoke agents")
     p.set_defaults(client_handler=cmd_agents)
-    agent_sub = p.add_subparsers(dest="agents_command", metavar="{list,create,revoke,drain}")
+    agent_sub = p.add_subparsers(dest="agents_command", metavar="{list,create,update,revoke,drain}")
     q = agent_sub.add_parser("list", parents=[common], help="list agents (the default)")
     q.set_defaults(client_handler=cmd_agents)
     q = agent_sub.add_parser("create", parents=[common], help="register an agent and print its token once")
@@ -350,6 +376,12 @@ def add_client_commands(subparsers: Any) -> None:
     q.add_argument("--label", action="append", default=[], help="label (repeatable)")
     q.add_argument("--capacity", type=_positive_int, help="concurrent job slots")
     q.set_defaults(client_handler=cmd_agents_create)
+    q = agent_sub.add_parser("update", parents=[common], help="change an agent's registered labels or capacity")
+    q.add_argument("id")
+    q.add_argument("--label", action="append", default=[], help="registered label (repeatable; replaces the labels)")
+    q.add_argument("--clear-labels", action="store_true", help="register no labels (the agent's own then apply)")
+    q.add_argument("--capacity", type=_non_negative_int, help="concurrent job slots")
+    q.set_defaults(client_handler=cmd_agents_update)
     q = agent_sub.add_parser("revoke", parents=[common], help="revoke an agent's token")
     q.add_argument("id")
     q.set_defaults(client_handler=cmd_agents_revoke)
@@ -369,7 +401,14 @@ def run_client_command(args: argparse.Namespace, environ: dict[str, str] | os._E
     handler: Handler = args.client_handler
     try:
         api_key = resolve_api_key(getattr(args, "api_key", None), env)
-        with YardmasterClient(url, api_key) as client:
+        ca_file = getattr(args, "ca_file", None) or env.get("YM_CA_FILE") or None
+        try:
+            tls_context(ca_file)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if (warning := plaintext_credential_warning(url)) is not None:
+            sys.stderr.write(f"warning: {warning}\n")
+        with YardmasterClient(url, api_key, ca_file=ca_file) as client:
             return handler(args, client)
     except (RequestRefused, ServerUnreachable, UsageError) as exc:
         sys.stderr.write(f"error: {error_line(exc, url, submitting=handler is cmd_submit)}\n")

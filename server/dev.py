@@ -16,6 +16,7 @@ import uvicorn
 
 from yardmaster.server.sdk import RequestRefused, YardmasterClient
 from yardmaster.server.observability.logging import configure_logging
+from yardmaster.server.security.bootstrap import ADMIN_KEY_FILE
 from yardmaster.server.serve import uvicorn_config
 from yardmaster.server.settings import Settings
 
@@ -66,6 +67,8 @@ def _agent_token(client: YardmasterClient, data_dir: Path) -> str:
 
 def _run_demo(client: YardmasterClient, command: str, image: str | None) -> None:
     spec: dict[str, object] = {"image": image or "local", "command": command, "timeout_s": 120}
+    if image is None:
+        spec["executor"] = "process"  # only jobs that ask for it are placed on a process agent
     job = client.submit_job(spec)
     _say(f"demo job {job['id']} submitted; its output, live:")
 
@@ -108,7 +111,8 @@ def run_dev(settings: Settings, *, executor: str = "auto", demo: bool = True) ->
             return 1
         thread.join(0.05)
     data_dir = Path(settings.data_dir)
-    key = (data_dir / "admin-key").read_text().strip()
+    # With YM_ADMIN_KEY the server makes no admin-key file: the configured key is the admin key.
+    key = settings.admin_key or (data_dir / ADMIN_KEY_FILE).read_text().strip()
     client = YardmasterClient(url, key)
     agent: subprocess.Popen[bytes] | None = None
     try:
@@ -119,8 +123,12 @@ def run_dev(settings: Settings, *, executor: str = "auto", demo: bool = True) ->
             env=env,
         )
         _say(f"Yardmaster is running at {url} (state in {data_dir}/, executor: {executor})")
-        _say(f"admin API key: {key}  (also in {data_dir}/admin-key)")
-        _say(f"try: YM_URL={url} yardmaster submit --image {image} --follow -- echo hi")
+        if settings.admin_key:
+            _say("admin API key: the one in YM_ADMIN_KEY")
+        else:
+            _say(f"admin API key: {key}  (also in {data_dir}/{ADMIN_KEY_FILE})")
+        how = f"--image {image}" if executor == "docker" else "--image local --executor process"
+        _say(f"try: YM_URL={url} yardmaster submit {how} --follow -- echo hi")
         if demo:
             _run_demo(client, DEMO_SCRIPT, image if executor == "docker" else None)
         _say("serving; press Ctrl-C to stop")

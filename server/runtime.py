@@ -9,7 +9,11 @@ import socket
 
 from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
 from yardmaster.server.backends.keys import PRESENCE_REPLICA
+from yardmaster.server.core.admission import AdmissionPolicy
+from yardmaster.server.core.agent_registry import AgentRegistry
 from yardmaster.server.core.agents import AgentHub
+from yardmaster.server.core.presence import ReplicaPresence, encode_presence
+from yardmaster.server.core.client_sockets import ClientSockets
 from yardmaster.server.core.events import EventPublisher, TopicHub
 from yardmaster.server.core.ids import new_id
 from yardmaster.server.core.jobs import JobService, JobTimings
@@ -17,6 +21,8 @@ from yardmaster.server.core.scheduler import Scheduler, SchedulerTimings
 from yardmaster.server.observability.metrics import Metrics
 from yardmaster.server.security.bootstrap import ensure_admin_key
 from yardmaster.server.security.tickets import TicketService
+from yardmaster.server.security.principals import Principal, still_valid
+from yardmaster.server.core.keys import KeyService
 from yardmaster.server.settings import Settings
 from yardmaster.protocol.close_codes import CloseCode
 
@@ -33,16 +39,25 @@ class Runtime:
         self.metrics = Metrics()
         self.events = EventPublisher(broker)
         self.topics = TopicHub(broker)
-        self.tickets = TicketService(broker, s.ws_ticket_ttl_s)
-        self.agents = AgentHub(broker, store, self.metrics, self.replica_id, s.lease_s)
+        self.tickets = TicketService(broker, store, s.ws_ticket_ttl_s)
+        self.client_sockets = ClientSockets(broker, self._key_still_valid)
+        self.keys = KeyService(store, self.client_sockets)
+        self.agents = AgentHub(broker, self.metrics, self.replica_id, s.lease_s)
+        self.agent_registry = AgentRegistry(store, self.agents, wake_scheduler=self.wake_scheduler)
         self.jobs = JobService(
             store,
             broker,
             self.events,
             self.agents,
             self.metrics,
-            JobTimings(lease_s=s.lease_s, cancel_grace_s=s.cancel_grace_s, log_cap_bytes=s.log_cap_bytes),
+            JobTimings(
+                lease_s=s.lease_s,
+                cancel_grace_s=s.cancel_grace_s,
+                log_cap_bytes=s.log_cap_bytes,
+                assign_ack_s=s.assign_ack_s,
+            ),
             wake_scheduler=self.wake_scheduler,
+            admission=AdmissionPolicy.from_settings(s),
         )
         self.scheduler = Scheduler(
             broker,
@@ -55,14 +70,15 @@ class Runtime:
                 renew_s=s.leader_renew_s,
                 tick_s=s.schedule_interval_s,
                 reaper_s=s.reaper_interval_s,
-                assign_ack_s=s.assign_ack_s,
                 timeout_slack_s=s.timeout_slack_s,
-                cancel_grace_s=s.cancel_grace_s,
             ),
             owner=self.replica_id,
         )
         self.admin_key_created: str | None = None
         self._presence_task: asyncio.Task[None] | None = None
+
+    async def _key_still_valid(self, principal: Principal) -> bool:
+        return await still_valid(self.store, principal)
 
     def wake_scheduler(self) -> None:
         self.scheduler.wake()
@@ -70,7 +86,8 @@ class Runtime:
     async def start(self) -> None:
         await self.store.start()
         await self.broker.start()
-        self.admin_key_created = await ensure_admin_key(self.store, self.settings)
+        await self.client_sockets.start()
+        self.admin_key_created = await ensure_admin_key(self.store, self.keys, self.settings)
         await self.agents.start()
         self.scheduler.start()
         self._presence_task = asyncio.create_task(self._announce_replica(), name="replica-presence")
@@ -83,6 +100,7 @@ class Runtime:
         await self.scheduler.stop()
         await self.agents.close(CloseCode.RESTARTING, "server restarting")
         await self.topics.close()
+        await self.client_sockets.close()
         try:
             await self.broker.delete_presence(PRESENCE_REPLICA, self.replica_id)
         except BackendUnavailable:
@@ -91,7 +109,7 @@ class Runtime:
         await self.store.close()
 
     async def _announce_replica(self) -> None:
-        info = f"{socket.gethostname()} {os.getpid()}"
+        info = encode_presence(ReplicaPresence(host=socket.gethostname(), pid=os.getpid()))
         ttl_ms = int(self.settings.lease_s * 1000)
         while True:
             try:

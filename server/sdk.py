@@ -11,6 +11,8 @@ Errors from the server raise `RequestRefused`; a server that cannot be reached r
 from __future__ import annotations
 
 import json
+import os
+import ssl
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
@@ -23,7 +25,10 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.sync.client import connect as ws_connect
 
 from yardmaster.protocol import messages as m
+from yardmaster.protocol import urls
+from yardmaster.protocol.close_codes import CloseCode
 from yardmaster.protocol.codec import SUBPROTOCOL_JSON, DecodeError, client_reader_codec
+from yardmaster.protocol.feed import Action, Deliver, FetchHistory, JobFeed, Skipped
 from yardmaster.protocol.jobs import TERMINAL_STATES
 
 __all__ = ["RequestRefused", "ServerUnreachable", "YardmasterClient", "LogHandler", "StateHandler"]
@@ -36,6 +41,8 @@ USER_AGENT = "yardmaster-client/0.1"
 _LOG_PAGE = 1000
 _WS_MAX_BYTES = 16 << 20
 _MAX_RECONNECTS = 8  # consecutive failed WebSocket sessions before giving up
+# Closes after which a reconnect would be refused the same way (a 4008 or 1012 is resumed).
+_FINAL_CLOSES = frozenset({CloseCode.REVOKED, CloseCode.PROTOCOL_ERROR, CloseCode.POLICY, CloseCode.TOO_BIG})
 
 
 class RequestRefused(Exception):
@@ -69,6 +76,32 @@ def _error_from_body(status: int, body: bytes, reason: str) -> RequestRefused:
         return RequestRefused(status, f"http-{status}", snippet or reason)
 
 
+def tls_context(ca_file: str | None) -> ssl.SSLContext | None:
+    """A TLS context trusting the PEM CA certificate(s) in `ca_file` instead of the defaults;
+    None for None. Raises ValueError naming the file when it cannot be used."""
+    if ca_file is None:
+        return None
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot use CA file {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+def plaintext_credential_warning(url: str) -> str | None:
+    return urls.plaintext_credential_warning(url, "the API key and job output", "use https://")
+
+
+def _tls_reason(exc: BaseException) -> str | None:
+    """What to say when `exc` (or what caused it) is a refused server certificate."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (f"the server's TLS certificate is not trusted ({getattr(seen, 'verify_message', None) or seen}); "
+                    "pass --ca-file or set YM_CA_FILE to the CA certificate that signed it")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _ws_url(base_url: str) -> str:
     parts = urlsplit(base_url)
     scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
@@ -88,10 +121,13 @@ def job_to_state(job: dict[str, Any]) -> m.JobStateMsg:
 
 class YardmasterClient:
     def __init__(self, base_url: str, api_key: str, *, timeout: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, ca_file: str | None = None) -> None:
+        """`ca_file` (default: $YM_CA_FILE): PEM CA certificate(s) to trust for https:// and wss://."""
         self.base_url = base_url.rstrip("/")
         self._api_key = api_key
+        self._tls = tls_context(ca_file if ca_file is not None else os.environ.get("YM_CA_FILE") or None)
         self._http = httpx.Client(
+            verify=self._tls if self._tls is not None else True,
             base_url=self.base_url,
             headers={"Authorization": f"Bearer {api_key}", "User-Agent": USER_AGENT},
             timeout=timeout,
@@ -117,7 +153,7 @@ class YardmasterClient:
         try:
             resp = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise ServerUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
+            raise ServerUnreachable(self.base_url, _tls_reason(exc) or str(exc) or type(exc).__name__) from None
         if resp.status_code >= 400:
             raise _error_from_body(resp.status_code, resp.content, resp.reason_phrase)
         return resp
@@ -183,6 +219,15 @@ class YardmasterClient:
     def revoke_agent(self, agent_id: str) -> dict[str, Any]:
         return self._json("DELETE", f"/api/v1/agents/{quote(agent_id, safe='')}")  # type: ignore[no-any-return]
 
+    def update_agent(self, agent_id: str, labels: list[str] | None = None, capacity: int | None = None) -> dict[str, Any]:
+        """Change an agent's registered labels (`[]` clears them) and/or capacity; None leaves one as it is."""
+        body: dict[str, Any] = {}
+        if labels is not None:
+            body["labels"] = labels
+        if capacity is not None:
+            body["capacity"] = capacity
+        return self._json("PATCH", f"/api/v1/agents/{quote(agent_id, safe='')}", json=body)  # type: ignore[no-any-return]
+
     def drain_agent(self, agent_id: str) -> dict[str, Any]:
         return self._json("POST", f"/api/v1/agents/{agent_id}/drain")  # type: ignore[no-any-return]
 
@@ -204,17 +249,24 @@ class YardmasterClient:
 
 
 class _Follower:
+    """Follows one job over the client channel. Offsets are kept by a pure `JobFeed`: entries
+    come from the socket (and, to fill a gap or finish, from the logs API), each exactly once."""
+
     def __init__(self, client: YardmasterClient, job_id: str, from_offset: int, on_log: LogHandler | None,
                  on_state: StateHandler | None, on_truncated: TruncatedHandler | None) -> None:
         self.client = client
         self.job_id = job_id
-        self.next_offset = max(0, from_offset)
+        self.feed: JobFeed[m.Log] = JobFeed(next_offset=max(0, from_offset))
         self.on_log = on_log
         self.on_state = on_state
         self.on_truncated = on_truncated
         self.codec = client_reader_codec(_WS_MAX_BYTES)
         self.final: m.JobStateMsg | None = None
         self._last_state: tuple[str, int] | None = None
+
+    @property
+    def next_offset(self) -> int:
+        return self.feed.next_offset or 0
 
     def run(self) -> m.JobStateMsg:
         failures = 0
@@ -227,22 +279,35 @@ class _Follower:
                 raise _error_from_body(resp.status_code, resp.body or b"", resp.reason_phrase) from None
             except InvalidURI as exc:
                 raise ServerUnreachable(self.client.base_url, str(exc)) from None
-            except (ConnectionClosed, InvalidHandshake, OSError, TimeoutError) as exc:
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                if code in _FINAL_CLOSES:
+                    # Coming back would be refused again: say why instead of retrying.
+                    reason = exc.rcvd.reason if exc.rcvd is not None else ""
+                    raise RequestRefused(0, CloseCode(code).name.lower().replace("_", "-"),
+                                         reason or f"connection closed with {code}") from None
+                failures += 1
+                if failures > _MAX_RECONNECTS:
+                    raise ServerUnreachable(self.client.base_url, f"WebSocket lost: {exc}") from None
+            except ssl.SSLCertVerificationError as exc:  # retrying would not make it trusted
+                raise ServerUnreachable(self.client.base_url, _tls_reason(exc) or str(exc)) from None
+            except (InvalidHandshake, OSError, TimeoutError) as exc:
                 failures += 1
                 if failures > _MAX_RECONNECTS:
                     raise ServerUnreachable(self.client.base_url, f"WebSocket lost: {exc}") from None
             if self.final is None:
                 time.sleep(min(5.0, 0.2 * 2 ** failures))
         # The terminal state can overtake the last stored entries: take the rest from history.
-        for log in self.client.iter_logs(self.job_id, self.next_offset):
-            self._deliver(log)
+        self._fill_from_history(self.next_offset)
         return self.final
 
     def _session(self) -> bool:
         """One WebSocket connection. Returns True when it got as far as `subscribed`."""
         subscribed = False
+        url = _ws_url(self.client.base_url)
         with ws_connect(
-            _ws_url(self.client.base_url),
+            url,
+            ssl=self.client._tls if url.startswith("wss://") else None,
             additional_headers={"Authorization": f"Bearer {self.client._api_key}"},
             user_agent_header=USER_AGENT,
             subprotocols=[SUBPROTOCOL_JSON],  # type: ignore[list-item]
@@ -264,12 +329,9 @@ class _Follower:
                     if job.get("state") in TERMINAL_STATES:
                         self._state(job_to_state(job))
                 elif isinstance(msg, m.Log) and msg.job_id == self.job_id:
-                    self._deliver(msg)
+                    self._apply(self.feed.live(msg.offset, msg))
                 elif isinstance(msg, m.Truncated) and msg.job_id == self.job_id:
-                    if msg.offset > self.next_offset:
-                        self.next_offset = msg.offset
-                        if self.on_truncated:
-                            self.on_truncated(msg)
+                    self._apply(self.feed.truncated(msg.offset))
                 elif isinstance(msg, m.JobStateMsg) and msg.job_id == self.job_id:
                     self._state(msg)
                 elif isinstance(msg, m.Error):
@@ -278,12 +340,30 @@ class _Follower:
                     return subscribed
         return subscribed
 
-    def _deliver(self, log: m.Log) -> None:
-        if log.offset < self.next_offset:
-            return  # already delivered (history replayed after a reconnect)
-        self.next_offset = log.offset + 1
-        if self.on_log:
-            self.on_log(log)
+    def _apply(self, actions: list[Action[m.Log]]) -> None:
+        for action in actions:
+            if isinstance(action, Deliver):
+                if self.on_log:
+                    self.on_log(action.item)
+            elif isinstance(action, Skipped):
+                if self.on_truncated:
+                    self.on_truncated(m.Truncated(job_id=self.job_id, offset=action.offset))
+            elif isinstance(action, FetchHistory):
+                self._fill_from_history(action.from_offset)
+
+    def _fill_from_history(self, from_offset: int) -> None:
+        """Stored entries from `from_offset` on (a gap in the live stream, or the end of the job)."""
+        fetch: int | None = from_offset
+        while fetch is not None:
+            entries = self.client.get_logs(self.job_id, from_offset=fetch, limit=_LOG_PAGE).get("entries") or []
+            page = [(log.offset, log) for log in (entry_to_log(self.job_id, e) for e in entries)]
+            fetch = None
+            for action in self.feed.history(page, complete=len(entries) < _LOG_PAGE):
+                if isinstance(action, FetchHistory):
+                    fetch = action.from_offset
+                else:
+                    self._apply([action])
+        self._apply(self.feed.release())
 
     def _state(self, msg: m.JobStateMsg) -> None:
         key = (msg.state, msg.attempt)

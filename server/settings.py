@@ -14,6 +14,8 @@ from typing import Annotated
 
 import msgspec
 
+from yardmaster.server.security import tokens
+
 
 class SettingsError(ValueError):
     """A YM_* variable has an invalid value; the message names it (never its secret value)."""
@@ -119,11 +121,27 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: object)
     except msgspec.ValidationError as exc:
         match = _FIELD_PATH.search(str(exc))
         field = match.group(1) if match else "settings"
-        # msgspec's message says what was expected, never the value given.
-        reason = _FIELD_PATH.sub("", str(exc)).rstrip(" -")
-        raise SettingsError(f"{env_name(field)}: {reason}") from None
+        raise SettingsError(f"{env_name(field)}: {_plain(_FIELD_PATH.sub('', str(exc)).rstrip(' -'))}") from None
     _validate(settings)
     return settings
+
+
+_KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+_BOUNDS = {">=": "at least", "<=": "at most", ">": "greater than", "<": "less than"}
+
+
+def _plain(reason: str) -> str:
+    """msgspec's "Expected `int` >= 1, got `str`" as "must be a whole number, at least 1".
+    It says what was expected, never the value given (some values are secrets)."""
+    match = re.match(r"Expected `(\w+)`(?: (>=|<=|>|<) ([-\d.e+]+))?", reason)
+    if match is None:
+        return reason
+    kind, op, bound = match.groups()
+    text = f"must be {_KINDS.get(kind, kind)}"
+    if op:
+        number = float(bound)
+        text += f", {_BOUNDS[op]} {int(number) if number.is_integer() else number}"
+    return text
 
 
 def _validate(s: Settings) -> None:
@@ -135,6 +153,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("YM_LOG_CAP_BYTES: must be 0 (no cap) or at least 1048576")
     if s.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise SettingsError("YM_LOG_LEVEL: must be one of debug, info, warning, error")
+    if s.admin_key is not None and not tokens.well_formed(s.admin_key, "api-key"):
+        raise SettingsError("YM_ADMIN_KEY: not a Yardmaster API key (expected ymk_…; `yardmaster keygen` makes one)")
     if (s.tls_cert_file is None) != (s.tls_key_file is None):
         raise SettingsError("YM_TLS_CERT_FILE: set both YM_TLS_CERT_FILE and YM_TLS_KEY_FILE, or neither")
     for url_name, url, schemes in (

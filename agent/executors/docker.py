@@ -56,6 +56,8 @@ def container_config(job_id: str, attempt: int, spec: JobSpec, agent_name: str) 
             "NanoCpus": int(res.cpus * 1e9),
             "PidsLimit": res.pids,
             "AutoRemove": False,  # we remove it ourselves, after reading its exit state
+            # The agent streams the output from the attach stream; the engine keeps no copy on disk.
+            "LogConfig": {"Type": "none", "Config": {}},
             "Privileged": False,
         },
     }

@@ -8,12 +8,16 @@ from starlette.routing import Route
 
 from yardmaster.server.api.auth import require_admin, runtime
 from yardmaster.server.backends.keys import PRESENCE_REPLICA, SCHEDULER_LOCK
+from yardmaster.server.core.presence import ReplicaPresence, decode_presence
 
 
 async def cluster(request: Request) -> Response:
     await require_admin(request)
     rt = runtime(request)
-    replicas = await rt.broker.list_presence(PRESENCE_REPLICA)
+    replicas = {
+        replica: decode_presence(raw, ReplicaPresence)
+        for replica, raw in (await rt.broker.list_presence(PRESENCE_REPLICA)).items()
+    }
     leader, epoch = await rt.broker.lock_holder(SCHEDULER_LOCK)
     agents = await rt.agents.connected()
     by_replica: dict[str, list[str]] = {replica: [] for replica in replicas}
@@ -28,8 +32,8 @@ async def cluster(request: Request) -> Response:
             "replicas": [
                 {
                     "id": replica,
-                    "host": replicas.get(replica, "").partition(" ")[0] or None,
-                    "pid": int(pid) if (pid := replicas.get(replica, "").partition(" ")[2]).isdigit() else None,
+                    "host": info.host if (info := replicas.get(replica)) else None,
+                    "pid": info.pid if info else None,
                     "leader": replica == leader,
                     "agents": agent_ids,
                 }

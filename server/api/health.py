@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
@@ -12,6 +13,8 @@ from starlette.routing import Route
 from yardmaster.protocol.jobs import JOB_STATES
 from yardmaster.server.api.auth import require_principal, runtime
 from yardmaster.server.backends.base import BackendUnavailable
+
+log = logging.getLogger("yardmaster.health")
 
 PROBE_TIMEOUT_S = 2.0
 
@@ -26,8 +29,12 @@ async def readyz(request: Request) -> Response:
     for name, probe in (("broker", rt.broker.ping), ("store", rt.store.ping)):
         try:
             await asyncio.wait_for(probe(), timeout=PROBE_TIMEOUT_S)
-        except (BackendUnavailable, TimeoutError, OSError) as exc:
-            failing[name] = str(exc) or "timed out"
+        except TimeoutError:
+            failing[name] = "timed out"
+        except (BackendUnavailable, OSError) as exc:
+            # /readyz is open to anyone: the cause (paths, addresses, driver text) goes to the log only.
+            log.warning("readiness probe: %s unavailable: %s", name, exc)
+            failing[name] = "unavailable"
     kinds = {"broker": "redis" if rt.settings.redis_url else "memory", "store": "mongodb" if rt.settings.mongodb_url else "sqlite"}
     if failing:
         return JSONResponse(

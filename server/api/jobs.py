@@ -12,6 +12,7 @@ from yardmaster.server.api.auth import read_body, require_principal, runtime
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.api.views import job_view
 from yardmaster.server.backends.records import JobRecord
+from yardmaster.server.core.admission import AdmissionRefused
 from yardmaster.server.core.jobs import JobAlreadyFinished, JobNotFound
 from yardmaster.server.security.principals import Principal
 
@@ -50,8 +51,11 @@ async def submit_job(request: Request) -> Response:
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         field = validation_field(exc) if isinstance(exc, msgspec.ValidationError) else None
         raise ApiError(422, "invalid-spec", str(exc), field=field) from None
-    job = await rt.jobs.submit(spec, principal.id)
-    return JSONResponse(job_view(job), status_code=201, headers={"Location": f"/api/v1/jobs/{job.id}"})
+    try:
+        job = await rt.jobs.submit(spec, principal.id)
+    except AdmissionRefused as exc:
+        raise ApiError(422, "not-allowed", exc.message, field=exc.field) from None
+    return JSONResponse(job_view(job, principal), status_code=201, headers={"Location": f"/api/v1/jobs/{job.id}"})
 
 
 async def list_jobs(request: Request) -> Response:
@@ -61,12 +65,14 @@ async def list_jobs(request: Request) -> Response:
         if state not in JOB_STATES:
             raise ApiError(422, "invalid-parameter", f"unknown state {state[:32]!r}", field="state")
     limit = int_param(request, "limit", 50, 1, MAX_PAGE)
-    jobs = await runtime(request).store.list_jobs(
+    jobs = await runtime(request).jobs.list_jobs(
         owner=None if principal.is_admin else principal.id,
-        states=states or None,
+        states=states,
         limit=limit,
         before=request.query_params.get("before"),
     )
+    # A listing never shows env values, not even to the submitter: it is the view most often
+    # pasted and logged; GET /api/v1/jobs/{id} shows them to the submitter.
     return JSONResponse(
         {"jobs": [job_view(j) for j in jobs], "next": jobs[-1].id if len(jobs) == limit else None}
     )
@@ -74,7 +80,7 @@ async def list_jobs(request: Request) -> Response:
 
 async def get_job(request: Request) -> Response:
     principal = await require_principal(request)
-    return JSONResponse(job_view(await visible_job(request, principal)))
+    return JSONResponse(job_view(await visible_job(request, principal), principal))
 
 
 async def cancel_job(request: Request) -> Response:
@@ -84,7 +90,7 @@ async def cancel_job(request: Request) -> Response:
         job = await runtime(request).jobs.cancel(job.id, reason=f"cancelled by {principal.id}")
     except JobAlreadyFinished as exc:
         raise ApiError(409, "already-finished", f"job is already {exc.job.state}") from None
-    return JSONResponse(job_view(job), status_code=202)
+    return JSONResponse(job_view(job, principal), status_code=202)
 
 
 async def job_logs(request: Request) -> Response:
@@ -92,20 +98,16 @@ async def job_logs(request: Request) -> Response:
     job = await visible_job(request, principal)
     from_offset = int_param(request, "from_offset", 0, 0, 2**62)
     limit = int_param(request, "limit", MAX_PAGE, 1, 10_000)
-    rt = runtime(request)
-    entries = await rt.jobs.logs(job.id, from_offset, limit)
-    next_offset = entries[-1].offset + 1 if entries else from_offset
-    gaps = [(expected, e.offset) for expected, e in zip([from_offset] + [x.offset + 1 for x in entries], entries, strict=False) if e.offset > expected]
+    page = await runtime(request).jobs.logs(job.id, from_offset, limit)
     if request.query_params.get("format") == "text":
-        dropped = await rt.store.log_dropped_bytes(job.id) if gaps else 0
         parts: list[bytes] = []
-        gap_starts = {end for _, end in gaps}
-        for e in entries:
-            if e.offset in gap_starts:
-                parts.append(f"\n[yardmaster: {dropped} bytes of output dropped here (per-job log cap)]\n".encode())
+        gap_ends = {end for _, end in page.gaps}
+        for e in page.entries:
+            if e.offset in gap_ends:
+                parts.append(f"\n[yardmaster: {page.dropped_bytes} bytes of output dropped here (per-job log cap)]\n".encode())
             parts.append(e.data)
         text = b"".join(parts).decode("utf-8", errors="replace")
-        return PlainTextResponse(text, headers={"X-Next-Offset": str(next_offset)})
+        return PlainTextResponse(text, headers={"X-Next-Offset": str(page.next_offset)})
     return JSONResponse(
         {
             "entries": [
@@ -116,11 +118,11 @@ async def job_logs(request: Request) -> Response:
                     "text": e.data.decode("utf-8", errors="replace"),
                     "ts": e.ts,
                 }
-                for e in entries
+                for e in page.entries
             ],
-            "next_offset": next_offset,
+            "next_offset": page.next_offset,
             # Ranges the log cap dropped: [from_offset, to_offset) has no entries any more.
-            "truncated": [{"from_offset": a, "to_offset": b} for a, b in gaps],
+            "truncated": [{"from_offset": a, "to_offset": b} for a, b in page.gaps],
         }
     )
 

@@ -8,6 +8,8 @@ from typing import Any
 import msgspec
 
 from yardmaster.server.backends.records import AgentRecord, JobRecord
+from yardmaster.server.core.agent_registry import grant_of
+from yardmaster.server.security.principals import Principal
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -16,7 +18,15 @@ def rfc3339(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def job_view(job: JobRecord) -> dict[str, Any]:
+MASKED = "***"
+
+
+def job_view(job: JobRecord, viewer: Principal | None = None) -> dict[str, Any]:
+    """A job as the API shows it. Env values can be secrets: only `viewer` who submitted the job
+    sees them; anyone else, and every listing (viewer None), sees the names with "***"."""
+    spec = msgspec.to_builtins(job.spec)
+    if viewer is None or viewer.id != job.owner:
+        spec["env"] = dict.fromkeys(job.spec.env, MASKED)
     return {
         "id": job.id,
         "owner": job.owner,
@@ -29,7 +39,7 @@ def job_view(job: JobRecord) -> dict[str, Any]:
         "exit_code": job.exit_code,
         "error": job.error,
         "cancel_reason": job.cancel_reason,
-        "spec": msgspec.to_builtins(job.spec),
+        "spec": spec,
         "created_at": rfc3339(job.created_at),
         "updated_at": rfc3339(job.updated_at),
         "assigned_at": rfc3339(job.assigned_at),
@@ -39,11 +49,18 @@ def job_view(job: JobRecord) -> dict[str, Any]:
 
 
 def agent_view(agent: AgentRecord, connected: bool) -> dict[str, Any]:
+    """`labels`/`capacity` are the effective ones (what placement uses); `registered_*` are the
+    admin's, `declared_*` what the agent's last hello asked for (null capacity: never connected)."""
+    grant = grant_of(agent)
     return {
         "id": agent.id,
         "name": agent.name,
-        "labels": agent.labels,
-        "capacity": agent.capacity,
+        "labels": grant.labels,
+        "capacity": grant.capacity,
+        "registered_labels": agent.labels,
+        "registered_capacity": agent.capacity,
+        "declared_labels": agent.declared_labels,
+        "declared_capacity": agent.declared_capacity,
         "connected": connected,
         "version": agent.version,
         "executor": agent.executor,

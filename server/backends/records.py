@@ -26,11 +26,17 @@ class ApiKeyRecord(msgspec.Struct, kw_only=True):
 
 
 class AgentRecord(msgspec.Struct, kw_only=True):
+    """`labels` and `capacity` are the registration (POST/PATCH /api/v1/agents), which decides;
+    `declared_*` are what the agent's last hello asked for. What placement uses is derived from
+    both (core.agent_registry.grant_of): the agent never chooses its own work."""
+
     id: str
     name: str
     token_hash: str
     labels: list[str] = []
     capacity: int = 1
+    declared_labels: list[str] = []  # valid labels of the last hello
+    declared_capacity: int | None = None  # None: the agent never said hello
     created_at: float
     revoked_at: float | None = None
     last_seen_at: float | None = None

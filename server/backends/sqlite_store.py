@@ -24,6 +24,7 @@ from yardmaster.server.backends.base import BackendUnavailable
 from yardmaster.server.backends.documents import apply_changes, from_json, job_changes, matches, to_json
 from yardmaster.protocol.messages import Stream
 from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
+from yardmaster.server.backends.stores import ensure_private_dir, ensure_private_file
 
 SCHEMA_VERSION = 1
 
@@ -93,8 +94,11 @@ class SqliteStore:
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
+        ensure_private_dir(os.path.dirname(os.path.abspath(self.path)))
+        # SQLite gives the -wal, -shm and -journal files it creates the main file's mode, so a
+        # 0600 main file keeps them private; files left by an older version are fixed here.
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            ensure_private_file(self.path + suffix, create=suffix == "")
         try:
             pending = aiosqlite.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
             # aiosqlite's worker thread is not a daemon: a process that dies without close() would

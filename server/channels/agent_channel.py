@@ -1,20 +1,28 @@
-"""The agent channel `/ws/agent`: translates between the wire and the core (JobService, AgentHub)."""
+"""The agent channel `/ws/agent`: translates between the wire and the core (JobService,
+AgentRegistry, AgentHub)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import time
 
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from yardmaster.protocol import messages as m
-from yardmaster.protocol.codec import SUBPROTOCOL_JSON, SUBPROTOCOL_MSGPACK, Codec, DecodeError, agent_server_codec
+from yardmaster.protocol.codec import (
+    MAX_LOG_CHUNK_BYTES,
+    SUBPROTOCOL_JSON,
+    SUBPROTOCOL_MSGPACK,
+    Codec,
+    DecodeError,
+    agent_server_codec,
+)
 from yardmaster.protocol.close_codes import CloseCode
 from yardmaster.server.backends.base import BackendUnavailable
 from yardmaster.server.backends.records import AgentRecord
-from yardmaster.server.channels.common import deny, run_socket
+from yardmaster.server.channels.common import deny, run_socket, serve_counted
+from yardmaster.server.core.agent_registry import clamp_capacity, clip
 from yardmaster.server.core.ids import new_id
 from yardmaster.server.runtime import Runtime
 from yardmaster.server.security import tokens
@@ -70,6 +78,9 @@ class AgentConnection:
         self._closed = asyncio.Event()
         self._close_code: int = CloseCode.NORMAL
         self._close_reason = ""
+        # An agent never holds more jobs than the capacity its hello declared (it runs at most
+        # what it was granted, which is no more); a longer `running` list is a protocol error.
+        self._running_limit = 0
 
     async def send(self, msg: m.ServerToAgent) -> None:
         if self._closed.is_set():
@@ -120,7 +131,7 @@ class AgentConnection:
             await self.close(self._close_code, self._close_reason)
 
         try:
-            await run_socket(self._serve(), self._sender(), self._closed, finish)
+            await run_socket(self._serve(), self._sender(), self._closed, finish, self.close)
         finally:
             await self.rt.agents.unregister(self)
 
@@ -135,7 +146,7 @@ class AgentConnection:
             return
         await self._on_hello(first)
         errors = 0
-        while True:
+        while not self._closed.is_set():
             msg = await self._receive()
             if msg is None:
                 return
@@ -159,19 +170,21 @@ class AgentConnection:
                 await self.close(CloseCode.INTERNAL_ERROR, "state temporarily unavailable")
                 return
 
+    async def _running_over_limit(self, running: list[m.RunningJob], where: str) -> bool:
+        if len(running) <= self._running_limit:
+            return False
+        await self.close(
+            CloseCode.PROTOCOL_ERROR,
+            f"{where}.running lists {len(running)} jobs, more than the declared capacity {self._running_limit}",
+        )
+        return True
+
     async def _on_hello(self, hello: m.Hello) -> None:
         rt = self.rt
-        await rt.store.update_agent(
-            self.agent_id,
-            {
-                "last_seen_at": time.time(),
-                "version": hello.version[:64],
-                "executor": hello.executor[:64],
-                "labels": sorted(set(hello.labels))[:64],
-                "capacity": max(0, min(hello.capacity, 1024)),
-                "draining_since": None,  # a fresh connection (a restarted agent) takes jobs again
-            },
-        )
+        self._running_limit = clamp_capacity(hello.capacity)
+        if await self._running_over_limit(hello.running, "hello"):
+            return
+        outcome = await rt.agent_registry.hello(self.agent_id, hello)
         await rt.agents.register(self)
         resume = await rt.jobs.resume_plan(self.agent_id, hello.running)
         await self.send(
@@ -181,21 +194,58 @@ class AgentConnection:
                 heartbeat_interval_s=rt.settings.heartbeat_interval_s,
                 lease_s=rt.settings.lease_s,
                 resume=resume,
+                labels=outcome.grant.labels,
+                capacity=outcome.grant.capacity,
             )
         )
         for cancel in await rt.jobs.cancels_for(self.agent_id, hello.running):
             await self.send(cancel)
         rt.wake_scheduler()
-        log.info("agent connected", extra={"agent_id": self.agent_id, "session_id": self.session_id})
+        log.info(
+            "agent connected",
+            extra={
+                "agent_id": self.agent_id,
+                "session_id": self.session_id,
+                "agent_name": clip(hello.name),
+                "labels": outcome.grant.labels,
+                "capacity": outcome.grant.capacity,
+            },
+        )
+        if outcome.not_granted or outcome.grant.capacity < self._running_limit:
+            log.info(
+                "agent asked for more than its registration grants",
+                extra={
+                    "agent_id": self.agent_id,
+                    "labels_not_granted": [clip(label, 64) for label in outcome.not_granted[:10]],
+                    "labels_not_granted_count": len(outcome.not_granted),
+                    "invalid_labels_count": len(outcome.refused_labels),
+                    "capacity_asked": self._running_limit,
+                    "capacity_granted": outcome.grant.capacity,
+                },
+            )
 
     async def _dispatch(self, msg: m.AgentToServer) -> None:
         jobs = self.rt.jobs
         replies: list[m.ServerToAgent]
         if isinstance(msg, m.LogChunk):
-            replies, _ = await jobs.on_log_chunk(self.agent_id, msg)
+            if len(msg.data) > MAX_LOG_CHUNK_BYTES:
+                # Refused, not stored and not acknowledged: one oversized entry would otherwise
+                # be too big for every subscriber of the job.
+                replies = [
+                    m.Error(
+                        code=m.ERR_TOO_BIG,
+                        message=f"log-chunk data of {len(msg.data)} bytes exceeds {MAX_LOG_CHUNK_BYTES}",
+                        job_id=msg.job_id,
+                        attempt=msg.attempt,
+                    )
+                ]
+            else:
+                replies, _ = await jobs.on_log_chunk(self.agent_id, msg)
         elif isinstance(msg, m.Heartbeat):
+            if await self._running_over_limit(msg.running, "heartbeat"):
+                return
             await jobs.renew_leases(self.agent_id, msg.running)
-            await self.rt.agents.touch_agent(self.agent_id)
+            await self.rt.agent_registry.seen(self.agent_id)
             try:
                 await self.rt.agents.refresh(self)
             except BackendUnavailable:
@@ -213,7 +263,15 @@ class AgentConnection:
             replies = await jobs.on_cancel_ack(self.agent_id, msg)
             self.rt.wake_scheduler()
         elif isinstance(msg, m.Error):
-            log.warning("agent reported an error", extra={"agent_id": self.agent_id, "code": msg.code})
+            log.warning(
+                "agent reported an error",
+                extra={
+                    "agent_id": self.agent_id,
+                    "code": clip(msg.code, 64),
+                    "error": clip(msg.message),
+                    "job_id": clip(msg.job_id, 64) if msg.job_id is not None else None,
+                },
+            )
             replies = []
         else:  # a second hello
             replies = [m.Error(code=m.ERR_UNEXPECTED, message=f"unexpected {m.tag_of(msg)}")]
@@ -232,11 +290,4 @@ async def agent_endpoint(websocket: WebSocket) -> None:
         return
     await websocket.accept(subprotocol=subprotocol)
     conn = AgentConnection(rt, websocket, agent, agent_server_codec(subprotocol, rt.settings.max_agent_message_bytes))
-    gauge = rt.metrics.websockets_open.labels("agent")
-    gauge.inc()
-    try:
-        await conn.run()
-    except WebSocketDisconnect:
-        pass
-    finally:
-        gauge.dec()
+    await serve_counted(rt.metrics.websockets_open.labels("agent"), conn.run)

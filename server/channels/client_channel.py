@@ -1,9 +1,10 @@
 """The client channel `/ws/client`: browsers and CLI followers watch job logs and states.
 
 A `job:<id>` subscription with `from_offset` is served history first, then live, with no gap
-and no duplicate: the live listener is registered before history is read, live log events are
-held back until history has caught up, and every log is delivered only if its offset is the
-next one expected (a jump is filled from the Store). Each socket has a bounded send buffer;
+and no duplicate: the live listener is registered before history is read, and the offset
+bookkeeping (hold live events while history is sent, drop what was delivered, fill a jump from
+the Store, announce what the log cap dropped) is the pure `protocol.feed.JobFeed`; this module
+only carries out what it says. Each socket has a bounded send buffer;
 a socket that falls behind is closed with 4008 and resumes by offset.
 """
 
@@ -12,16 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import msgspec
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from yardmaster.protocol import messages as m
 from yardmaster.protocol.codec import DecodeError, client_server_codec
+from yardmaster.protocol.feed import Action, Deliver, FetchHistory, JobFeed, Skipped
 from yardmaster.protocol.close_codes import CloseCode
 from yardmaster.server.backends.base import BackendUnavailable
-from yardmaster.server.channels.common import deny, run_socket
+from yardmaster.server.channels.common import deny, run_socket, serve_counted
 from yardmaster.server.backends.keys import ALL_JOBS_CHANNEL, job_channel, owner_channel
 from yardmaster.server.core.events import EventHeader, log_message, state_message
 from yardmaster.server.runtime import Runtime
@@ -33,24 +36,47 @@ HISTORY_PAGE = 500
 _json = msgspec.json.Encoder()
 
 
-def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...]) -> bool:
-    """No Origin (not a browser), the same origin, or one listed in YM_ALLOWED_ORIGINS."""
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin_tuple(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of an http(s) origin, default port filled in; None for anything else."""
+    try:
+        parts = urlsplit(url.strip().lower())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        return None
+    return parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme]
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...], scheme: str) -> bool:
+    """No Origin (not a browser), the same origin (scheme, host and port: `scheme` is this request's,
+    ws/wss or http/https), or one listed in YM_ALLOWED_ORIGINS."""
     if origin is None:
         return True
     if origin in allowed or "*" in allowed:
         return True
-    parts = urlsplit(origin)
-    return bool(host) and parts.netloc == host
+    key = _origin_tuple(origin)
+    if key is None:  # "null" (sandboxed frames, file://) and other schemes
+        return False
+    if any(_origin_tuple(entry) == key for entry in allowed):
+        return True
+    own_scheme = "https" if scheme in ("https", "wss") else "http"
+    return bool(host) and _origin_tuple(f"{own_scheme}://{host}") == key
 
 
 async def authenticate_client(rt: Runtime, websocket: WebSocket) -> Principal | None:
-    if not origin_allowed(websocket.headers.get("origin"), websocket.headers.get("host"), rt.settings.allowed_origins):
+    # The ticket is redeemed before anything can refuse the handshake, so a refused handshake
+    # never leaves a live ticket behind.
+    ticket = websocket.query_params.get("ticket")
+    principal = await rt.tickets.redeem(ticket) if ticket is not None else None
+    if not origin_allowed(websocket.headers.get("origin"), websocket.headers.get("host"), rt.settings.allowed_origins,
+                          websocket.url.scheme):
         await deny(websocket, 403, "forbidden", "origin not allowed")
         return None
-    ticket = websocket.query_params.get("ticket")
-    if ticket is not None:
-        principal = await rt.tickets.redeem(ticket)
-    else:
+    if ticket is None:
         token = bearer_token(websocket.headers.get("authorization"))
         principal = await principal_for_api_key(rt.store, token) if token else None
     if principal is None:
@@ -58,15 +84,12 @@ async def authenticate_client(rt: Runtime, websocket: WebSocket) -> Principal | 
     return principal
 
 
-class _JobFeed:
-    """One job subscription of one socket: ordering and de-duplication by offset."""
+@dataclass(slots=True)
+class _JobSubscription:
+    """One job topic of one socket; its offset bookkeeping is a pure JobFeed of encoded `log`s."""
 
-    def __init__(self, job_id: str, next_offset: int | None) -> None:
-        self.job_id = job_id
-        self.next_offset = next_offset  # None: live only, take whatever comes next
-        self.catching_up = next_offset is not None
-        self.held: list[tuple[EventHeader, bytes]] = []
-        self.held_bytes = 0
+    job_id: str
+    feed: JobFeed[bytes]
 
 
 class ClientConnection:
@@ -79,7 +102,7 @@ class ClientConnection:
         self._buffered = 0
         self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
         self._listeners: dict[str, object] = {}
-        self._feeds: dict[str, _JobFeed] = {}
+        self._feeds: dict[str, _JobSubscription] = {}
         self._closed = asyncio.Event()
         self._close_code: int = CloseCode.NORMAL
         self._close_reason = ""
@@ -131,56 +154,47 @@ class ClientConnection:
     # ---- live events -----------------------------------------------------------------------------
 
     def _on_event(self, topic: str, header: EventHeader, data: bytes) -> None:
-        feed = self._feeds.get(topic)
-        if feed is not None and header.type == "log":
-            if feed.catching_up:
-                self._hold(feed, header, data)
-                return
-            if header.offset is not None and feed.next_offset is not None:
-                if header.offset < feed.next_offset:
-                    return  # already delivered from history
-                if header.offset > feed.next_offset:
-                    # A live event went missing (broker hiccup): fill the hole from the Store.
-                    feed.catching_up = True
-                    self._hold(feed, header, data)
-                    task = asyncio.create_task(self._catch_up(topic, feed))
-                    self._catch_ups.add(task)
-                    task.add_done_callback(self._catch_ups.discard)
-                    return
-            if header.offset is not None:
-                feed.next_offset = header.offset + 1
+        sub = self._feeds.get(topic)
+        if sub is not None and header.type == "log" and header.offset is not None:
+            self._apply(sub, sub.feed.live(header.offset, data, len(data)))
+            return
         self._enqueue(data.decode(), header.type)
 
-    def _hold(self, feed: _JobFeed, header: EventHeader, data: bytes) -> None:
-        """Keep a live event until history has caught up; the same byte bound as the send buffer."""
-        feed.held_bytes += len(data)
-        if feed.held_bytes > self._limit:
-            self.rt.metrics.slow_consumers.inc()
-            self.close(CloseCode.TOO_SLOW, "too slow: resume from your last offset")
-            return
-        feed.held.append((header, data))
+    def _apply(self, sub: _JobSubscription, actions: list[Action[bytes]]) -> None:
+        """Carry out what the feed says, for live events (never waits)."""
+        for action in actions:
+            if isinstance(action, Deliver):
+                self._enqueue(action.item.decode(), "log")
+            elif isinstance(action, Skipped):
+                self.send(m.Truncated(job_id=sub.job_id, offset=action.offset))
+            elif isinstance(action, FetchHistory):
+                # A live event went missing (broker hiccup): fill the hole from the Store.
+                task = asyncio.create_task(self._catch_up(sub, action.from_offset))
+                self._catch_ups.add(task)
+                task.add_done_callback(self._catch_ups.discard)
+            else:
+                self.rt.metrics.slow_consumers.inc()
+                self.close(CloseCode.TOO_SLOW, "too slow: resume from your last offset")
 
-    async def _catch_up(self, topic: str, feed: _JobFeed) -> None:
-        """Send stored entries from feed.next_offset on, then release held live events."""
+    async def _catch_up(self, sub: _JobSubscription, from_offset: int) -> None:
+        """Send stored entries from `from_offset` on, paced by the socket, then what the feed held."""
         try:
             async with self._lock:
-                while True:
-                    start = feed.next_offset or 0
-                    entries = await self.rt.store.read_logs(feed.job_id, start, HISTORY_PAGE)
-                    for entry in entries:
-                        if entry.offset >= start:
+                fetch: int | None = from_offset
+                while fetch is not None:
+                    entries = (await self.rt.jobs.logs(sub.job_id, fetch, HISTORY_PAGE)).entries
+                    page = ((e.offset, _json.encode(log_message(e))) for e in entries)
+                    fetch = None
+                    for action in sub.feed.history(page, complete=len(entries) < HISTORY_PAGE):
+                        if isinstance(action, Deliver):
                             await self._room_for_history()
-                            if entry.offset > (feed.next_offset or 0):
-                                # The log cap dropped what lies between: say so, then go on.
-                                self.send(m.Truncated(job_id=feed.job_id, offset=entry.offset))
-                            self.send(log_message(entry))
-                            feed.next_offset = entry.offset + 1
-                    if len(entries) < HISTORY_PAGE:
-                        break
-                held, feed.held, feed.held_bytes = feed.held, [], 0
-                feed.catching_up = False
-                for header, data in held:
-                    self._on_event(topic, header, data)
+                            self._enqueue(action.item.decode(), "log")
+                        elif isinstance(action, Skipped):
+                            # The log cap dropped what lies between: say so, then go on.
+                            self.send(m.Truncated(job_id=sub.job_id, offset=action.offset))
+                        elif isinstance(action, FetchHistory):
+                            fetch = action.from_offset
+                self._apply(sub, sub.feed.release())
         except BackendUnavailable:
             self.close(CloseCode.INTERNAL_ERROR, "state temporarily unavailable: resume from your last offset")
 
@@ -200,22 +214,23 @@ class ClientConnection:
             self.send(m.Error(code=m.ERR_BAD_TOPIC, message="topic must be job:<id> or jobs"))
             return
         job_id = topic[4:]
-        job = await self.rt.store.get_job(job_id)
+        job = await self.rt.jobs.find(job_id)
         if job is None or not self.principal.may_see(job.owner):
             # The same answer for "no such job" and "not yours": ids are not an oracle.
             self.send(m.Error(code=m.ERR_UNKNOWN_JOB, message="no such job", job_id=job_id))
             return
         start = max(0, msg.from_offset) if msg.from_offset is not None else None
-        feed = _JobFeed(job_id, start)
-        self._feeds[topic] = feed
+        sub = _JobSubscription(job_id, JobFeed(next_offset=start, hold_limit_bytes=self._limit))
+        self._feeds[topic] = sub
+        first = sub.feed.start()  # before listening: live events are held until history is sent
         await self._listen(topic, job_channel(job_id))
-        next_offset = await self.rt.store.next_log_offset(job_id)
-        if start is None and feed.next_offset is None:
-            feed.next_offset = next_offset
+        next_offset = await self.rt.jobs.next_log_offset(job_id)
+        sub.feed.begin_at(next_offset)
         self.send(m.Subscribed(topic=topic, next_offset=next_offset))
-        if start is not None:
-            await self._catch_up(topic, feed)
-        latest = await self.rt.store.get_job(job_id)
+        for action in first:
+            if isinstance(action, FetchHistory):
+                await self._catch_up(sub, action.from_offset)
+        latest = await self.rt.jobs.find(job_id)
         if latest is not None:
             self.send(state_message(latest))
 
@@ -241,7 +256,10 @@ class ClientConnection:
                 await self._unsubscribe(topic)
             self.close(self._close_code, self._close_reason)
 
-        await run_socket(self._serve(), self._sender(), self._closed, finish)
+        async def fail(code: int, reason: str) -> None:
+            self.close(code, reason)
+
+        await run_socket(self._serve(), self._sender(), self._closed, finish, fail)
 
     async def _serve(self) -> None:
         errors = 0
@@ -284,12 +302,14 @@ async def client_endpoint(websocket: WebSocket) -> None:
     principal = await authenticate_client(rt, websocket)
     if principal is None:
         return
-    await websocket.accept()
-    gauge = rt.metrics.websockets_open.labels("client")
-    gauge.inc()
+    conn = ClientConnection(rt, websocket, principal)
+    # Registered before the upgrade: counted against the cap, and closed if its key is revoked.
+    cap = rt.settings.max_client_sockets_per_principal
+    if not rt.client_sockets.try_add(conn, cap):
+        await deny(websocket, 429, "too-many-sockets", f"at most {cap} open client sockets per principal on one server")
+        return
     try:
-        await ClientConnection(rt, websocket, principal).run()
-    except WebSocketDisconnect:
-        pass
+        await websocket.accept()
+        await serve_counted(rt.metrics.websockets_open.labels("client"), conn.run)
     finally:
-        gauge.dec()
+        rt.client_sockets.remove(conn)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from prometheus_client import Gauge
 from starlette.responses import JSONResponse
-from starlette.websockets import WebSocket
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
 from yardmaster.protocol.close_codes import CloseCode
+
+log = logging.getLogger("yardmaster.channels")
 
 
 async def deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
@@ -23,20 +28,31 @@ async def deny(websocket: WebSocket, status: int, code: str, message: str) -> No
 
 SEND_FLUSH_S = 5.0
 
+Fail = Callable[[int, str], Awaitable[None]]
+
 
 async def run_socket(
     serve: Coroutine[Any, Any, None],
     send_loop: Coroutine[Any, Any, None],
     closed: asyncio.Event,
     finish: Callable[[], Awaitable[None]],
+    fail: Fail | None = None,
 ) -> None:
     """Run the receive loop until the peer goes or we close the socket (`closed`), then `finish`
-    (which must end the send loop, by closing), and give the send loop a moment to flush."""
+    (which must end the send loop, by closing), and give the send loop a moment to flush.
+
+    An unexpected exception of either loop (anything but the peer going away) is logged with
+    its traceback, and `fail` closes the socket with 1011 (docs/protocol.md)."""
     sender = asyncio.create_task(send_loop)
     receiver = asyncio.create_task(serve)
     closing = asyncio.create_task(closed.wait())
     try:
-        await asyncio.wait({receiver, closing}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({receiver, sender, closing}, return_when=asyncio.FIRST_COMPLETED)
+        error = _unexpected(receiver) or _unexpected(sender)
+        if error is not None:
+            log.error("unexpected error on a WebSocket; closing it with 1011", exc_info=error)
+            if fail is not None:
+                await fail(CloseCode.INTERNAL_ERROR, "internal error")
     finally:
         receiver.cancel()
         closing.cancel()
@@ -44,3 +60,21 @@ async def run_socket(
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(sender, timeout=SEND_FLUSH_S)
         sender.cancel()
+
+
+def _unexpected(task: asyncio.Task[None]) -> BaseException | None:
+    if not task.done() or task.cancelled():
+        return None
+    error = task.exception()
+    return None if error is None or isinstance(error, WebSocketDisconnect) else error
+
+
+async def serve_counted(gauge: Gauge, run: Callable[[], Awaitable[None]]) -> None:
+    """Run an accepted socket, counted in the open-sockets gauge; a peer that left is no error."""
+    gauge.inc()
+    try:
+        await run()
+    except WebSocketDisconnect:
+        pass
+    finally:
+        gauge.dec()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Literal, Protocol
 
 import msgspec
@@ -17,18 +16,20 @@ import msgspec
 from yardmaster.protocol import messages as m
 from yardmaster.protocol.close_codes import CloseCode
 from yardmaster.server.backends.keys import PRESENCE_AGENT, replica_channel
-from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
+from yardmaster.server.backends.base import BackendUnavailable, Broker
+from yardmaster.server.core.presence import AgentPresence, decode_presence, encode_presence
 from yardmaster.server.core.subscriptions import read_forever
 from yardmaster.server.observability.metrics import Metrics
 
 log = logging.getLogger("yardmaster.agents")
 
-
+# Closes the agent's socket so that it connects again and gets a new welcome (new grant).
+RECONNECT_REASON = "registration changed: reconnect"
 
 
 class AgentCommand(msgspec.Struct, kw_only=True):
     agent_id: str
-    kind: Literal["send", "revoke", "supersede"]
+    kind: Literal["send", "revoke", "supersede", "reconnect"]
     session_id: str | None = None  # supersede: the session that must go
     message: m.ServerToAgent | None = None
 
@@ -49,9 +50,8 @@ class AgentLink(Protocol):
 
 
 class AgentHub:
-    def __init__(self, broker: Broker, store: Store, metrics: Metrics, replica_id: str, lease_s: float) -> None:
+    def __init__(self, broker: Broker, metrics: Metrics, replica_id: str, lease_s: float) -> None:
         self._broker = broker
-        self._store = store
         self._metrics = metrics
         self.replica_id = replica_id
         self._presence_ttl_ms = int(lease_s * 1000)
@@ -78,7 +78,7 @@ class AgentHub:
         self._metrics.agents_connected.set(0)
 
     def _presence_value(self, link: AgentLink) -> str:
-        return f"{self.replica_id} {link.session_id}"
+        return encode_presence(AgentPresence(replica=self.replica_id, session=link.session_id))
 
     async def register(self, link: AgentLink) -> None:
         """Make `link` the agent's one live connection; any older one is closed with 4002."""
@@ -87,16 +87,14 @@ class AgentHub:
         self._metrics.agents_connected.set(len(self.links))
         if old is not None and old is not link:
             await old.close(CloseCode.SUPERSEDED, "superseded by a new connection")
-        previous = await self._broker.get_presence(PRESENCE_AGENT, link.agent_id)
+        previous = decode_presence(await self._broker.get_presence(PRESENCE_AGENT, link.agent_id), AgentPresence)
         await self._broker.set_presence(
             PRESENCE_AGENT, link.agent_id, self._presence_value(link), self._presence_ttl_ms
         )
-        if previous:
-            replica, _, session = previous.partition(" ")
-            if replica != self.replica_id:
-                await self._publish(
-                    replica, AgentCommand(agent_id=link.agent_id, kind="supersede", session_id=session)
-                )
+        if previous is not None and previous.replica != self.replica_id:
+            await self._publish(
+                previous.replica, AgentCommand(agent_id=link.agent_id, kind="supersede", session_id=previous.session)
+            )
 
     async def unregister(self, link: AgentLink) -> None:
         if self.links.get(link.agent_id) is link:
@@ -121,7 +119,12 @@ class AgentHub:
     async def connected(self) -> dict[str, str]:
         """agent id → replica id, for every agent connected to any replica."""
         entries = await self._broker.list_presence(PRESENCE_AGENT)
-        return {agent_id: value.partition(" ")[0] for agent_id, value in entries.items()}
+        connected: dict[str, str] = {}
+        for agent_id, raw in entries.items():
+            presence = decode_presence(raw, AgentPresence)
+            if presence is not None:
+                connected[agent_id] = presence.replica
+        return connected
 
     async def send_to_agent(self, agent_id: str, msg: m.ServerToAgent) -> bool:
         """Route a message to the agent wherever it is connected. False if it is not connected."""
@@ -130,16 +133,19 @@ class AgentHub:
     async def revoke(self, agent_id: str) -> None:
         await self._route(AgentCommand(agent_id=agent_id, kind="revoke"))
 
+    async def reconnect(self, agent_id: str) -> bool:
+        """Close the agent's socket (1001) so it connects again; its jobs keep running meanwhile."""
+        return await self._route(AgentCommand(agent_id=agent_id, kind="reconnect"))
+
     async def _route(self, command: AgentCommand) -> bool:
-        value = await self._broker.get_presence(PRESENCE_AGENT, command.agent_id)
-        if value is None:
+        presence = decode_presence(await self._broker.get_presence(PRESENCE_AGENT, command.agent_id), AgentPresence)
+        if presence is None:
             # Not connected anywhere we know of; a local socket may still exist briefly.
             if command.agent_id in self.links:
                 await self._execute(command)
                 return True
             return False
-        replica = value.partition(" ")[0]
-        await self._publish(replica, command)
+        await self._publish(presence.replica, command)
         return True
 
     async def _publish(self, replica: str, command: AgentCommand) -> None:
@@ -156,8 +162,7 @@ class AgentHub:
             await link.send(command.message)
         elif command.kind == "revoke":
             await link.close(CloseCode.REVOKED, "agent token revoked")
+        elif command.kind == "reconnect":
+            await link.close(CloseCode.GOING_AWAY, RECONNECT_REASON)
         elif command.kind == "supersede" and command.session_id == link.session_id:
             await link.close(CloseCode.SUPERSEDED, "superseded by a new connection")
-
-    async def touch_agent(self, agent_id: str) -> None:
-        await self._store.update_agent(agent_id, {"last_seen_at": time.time()})

@@ -1,8 +1,10 @@
-"""Jobs: submission, cancellation, and what agents report. No HTTP, no WebSockets here.
+"""Jobs: submission, listing, cancellation, the leader's claims and timeouts, and what agents
+report. No HTTP, no WebSockets here.
 
-Every ownership-deciding change is a compare-and-set on the Store record (state, attempt and,
-for the agent's own messages, the agent id), with the target state taken from the one
-transition function in protocol.jobs. A replayed, late or stale message changes nothing.
+Every change of a job's state is made here: a compare-and-set on the Store record (state,
+attempt and, for the agent's own messages, the agent id; for the leader's, its fencing epoch),
+with the target state taken from the one transition function in protocol.jobs, and counted once
+in the transition metric. A replayed, late or stale message changes nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from yardmaster.protocol.jobs import (
 )
 from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
 from yardmaster.server.backends.records import JobRecord, LogEntry
+from yardmaster.server.core.admission import AdmissionPolicy, check_spec
 from yardmaster.server.core.agents import AgentHub
 from yardmaster.server.core.events import EventPublisher
 from yardmaster.server.core.ids import new_id
@@ -46,6 +49,16 @@ class JobTimings:
     lease_s: float
     cancel_grace_s: float
     log_cap_bytes: int = 0
+    assign_ack_s: float = 10.0  # lease of an assignment until the agent's job-accept
+
+
+@dataclass(frozen=True)
+class LogPage:
+    entries: list[LogEntry]
+    next_offset: int
+    # Ranges the log cap dropped: [from_offset, to_offset) has no entries any more.
+    gaps: list[tuple[int, int]]
+    dropped_bytes: int  # how many bytes the cap dropped from the job's output (read only if gaps)
 
 
 class JobService:
@@ -58,6 +71,7 @@ class JobService:
         metrics: Metrics,
         timings: JobTimings,
         wake_scheduler: Callable[[], None] = lambda: None,
+        admission: AdmissionPolicy = AdmissionPolicy(),
     ) -> None:
         self._store = store
         self._broker = broker
@@ -66,10 +80,13 @@ class JobService:
         self._metrics = metrics
         self._timings = timings
         self._wake_scheduler = wake_scheduler
+        self._admission = admission
 
     # ---- users -------------------------------------------------------------------------------
 
     async def submit(self, spec: JobSpec, owner: str) -> JobRecord:
+        """Admit and queue a job. Raises AdmissionRefused naming the field the policy refuses."""
+        check_spec(spec, self._admission)
         now = time.time()
         job = JobRecord(
             id=new_id("job"),
@@ -101,6 +118,19 @@ class JobService:
             raise JobNotFound(job_id)
         return job
 
+    async def find(self, job_id: str) -> JobRecord | None:
+        return await self._store.get_job(job_id)
+
+    async def next_log_offset(self, job_id: str) -> int:
+        """The offset the job's next stored log entry will get."""
+        return await self._store.next_log_offset(job_id)
+
+    async def list_jobs(
+        self, *, owner: str | None, states: Collection[str] | None = None, limit: int = 50, before: str | None = None
+    ) -> list[JobRecord]:
+        """Newest first; `owner` None lists every owner's jobs (admins); `before` pages on."""
+        return await self._store.list_jobs(owner=owner, states=states or None, limit=limit, before=before)
+
     async def cancel(self, job_id: str, reason: str = "cancelled by user") -> JobRecord:
         """Queued jobs are cancelled at once; running ones go to `cancelling` until the agent confirms."""
         for _ in range(5):  # the job may move under us; retry the compare-and-set on the new state
@@ -131,20 +161,92 @@ class JobService:
             return updated
         raise RuntimeError(f"job {job_id} kept changing state; cancel not applied")
 
-    async def send_cancel(self, job: JobRecord) -> None:
-        if job.agent_id is not None:
-            await self._agents.send_to_agent(
-                job.agent_id,
-                m.Cancel(
-                    job_id=job.id,
-                    attempt=job.attempt,
-                    reason=job.cancel_reason or "cancelled",
-                    grace_s=self._timings.cancel_grace_s,
-                ),
-            )
+    def _cancel_msg(self, job: JobRecord, reason: str | None = None) -> m.Cancel:
+        return m.Cancel(
+            job_id=job.id,
+            attempt=job.attempt,
+            reason=reason or job.cancel_reason or "cancelled",
+            grace_s=self._timings.cancel_grace_s,
+        )
 
-    async def logs(self, job_id: str, from_offset: int, limit: int) -> list[LogEntry]:
-        return await self._store.read_logs(job_id, from_offset, limit)
+    async def send_cancel(self, job: JobRecord, reason: str | None = None) -> None:
+        if job.agent_id is not None:
+            await self._agents.send_to_agent(job.agent_id, self._cancel_msg(job, reason))
+
+    async def logs(self, job_id: str, from_offset: int, limit: int) -> LogPage:
+        """Up to `limit` entries from `from_offset`, with the ranges the log cap dropped."""
+        entries = await self._store.read_logs(job_id, from_offset, limit)
+        next_offset = entries[-1].offset + 1 if entries else from_offset
+        gaps: list[tuple[int, int]] = []
+        expected = from_offset
+        for entry in entries:
+            if entry.offset > expected:
+                gaps.append((expected, entry.offset))
+            expected = entry.offset + 1
+        dropped = await self._store.log_dropped_bytes(job_id) if gaps else 0
+        return LogPage(entries=entries, next_offset=next_offset, gaps=gaps, dropped_bytes=dropped)
+
+    # ---- the scheduler leader (every write fenced with its epoch) ------------------------------
+
+    async def claim(self, job: JobRecord, agent_id: str, epoch: int) -> JobRecord | None:
+        """Assign a queued job to `agent_id` as its next attempt and send the job-assign.
+        None if the job moved meanwhile or `epoch` is no longer the newest (fencing)."""
+        now = time.time()
+        attempt = job.attempt + 1
+        deadline = now + job.spec.timeout_s
+        updated = await self._transition(
+            job,
+            JobEvent.ASSIGN,
+            {
+                "attempt": attempt,
+                "agent_id": agent_id,
+                "epoch": epoch,
+                "assigned_at": now,
+                "lease_expires_at": now + self._timings.assign_ack_s,
+                "deadline": deadline,
+                "exit_code": None,
+                "error": None,
+            },
+            fence_epoch=epoch,
+        )
+        if updated is None:
+            return None
+        await self._broker.remove(job.id)
+        self._metrics.dispatch_latency.observe(max(0.0, now - job.enqueued_at))
+        sent = await self._agents.send_to_agent(
+            agent_id, m.JobAssign(job_id=job.id, attempt=attempt, spec=job.spec, deadline=deadline)
+        )
+        if not sent:
+            log.warning("assigned agent is gone; the job returns when its lease expires", extra={"job_id": job.id})
+        return updated
+
+    async def expire_lease(self, job: JobRecord, epoch: int) -> JobRecord | None:
+        """The job's lease ran out: re-queue it (or end it as `lost`) and stop that attempt if
+        its agent is still around (e.g. it never answered the job-assign)."""
+        final = job.runs >= job.spec.max_attempts
+        event = JobEvent.LEASE_LOST_FINAL if final else JobEvent.LEASE_LOST_RETRY
+        updated = await self.requeue(job, event, fence_epoch=epoch)
+        if updated is not None:
+            log.info("lease expired", extra={"job_id": job.id, "attempt": job.attempt, "state": updated.state})
+            await self.send_cancel(job, "lease expired")
+        return updated
+
+    async def time_out(self, job: JobRecord, epoch: int) -> JobRecord | None:
+        """No result came by the deadline (plus slack): end the job as `timed-out` and stop it."""
+        updated = await self._transition(
+            job,
+            JobEvent.TIME_OUT,
+            {
+                "error": f"timed out after {job.spec.timeout_s} s (enforced by the server)",
+                "finished_at": time.time(),
+                "lease_expires_at": None,
+            },
+            expect_states=sources_of(JobEvent.TIME_OUT),
+            fence_epoch=epoch,
+        )
+        if updated is not None:
+            await self.send_cancel(job, "timed out")
+        return updated
 
     # ---- agents ------------------------------------------------------------------------------
 
@@ -204,14 +306,7 @@ class JobService:
             job = await self.get(msg.job_id)
         if job.state == "cancelling" and job.attempt == msg.attempt:
             # The cancel crossed the assignment: say it again now that the agent runs the job.
-            return [
-                m.Cancel(
-                    job_id=job.id,
-                    attempt=job.attempt,
-                    reason=job.cancel_reason or "cancelled",
-                    grace_s=self._timings.cancel_grace_s,
-                )
-            ]
+            return [self._cancel_msg(job)]
         return []
 
     async def on_reject(self, agent_id: str, msg: m.JobReject) -> list[m.ServerToAgent]:
@@ -326,13 +421,6 @@ class JobService:
         for r in running:
             job = await self._store.get_job(r.job_id)
             if job is not None and job.state == "cancelling" and job.agent_id == agent_id and job.attempt == r.attempt:
-                out.append(
-                    m.Cancel(
-                        job_id=job.id,
-                        attempt=job.attempt,
-                        reason=job.cancel_reason or "cancelled",
-                        grace_s=self._timings.cancel_grace_s,
-                    )
-                )
+                out.append(self._cancel_msg(job))
         return out
 

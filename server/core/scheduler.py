@@ -1,4 +1,5 @@
 """The scheduler: one leader at a time assigns queued jobs, reaps lost leases, enforces deadlines.
+It decides what happens and when; every resulting change of a job's state is made by JobService.
 
 Leadership is the Broker's lock with a fencing epoch. The epoch is recorded in the Store at each
 acquisition and every leader-only change is fenced with it, so a paused old leader that still
@@ -12,11 +13,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from yardmaster.protocol import messages as m
-from yardmaster.protocol.jobs import JobEvent, sources_of
 from yardmaster.server.backends.keys import SCHEDULER_LOCK
 from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
 from yardmaster.server.backends.records import JobRecord
+from yardmaster.server.core.agent_registry import grant_of
 from yardmaster.server.core.agents import AgentHub
 from yardmaster.server.core.jobs import JobService
 from yardmaster.server.core.placement import AgentSlots, choose_agent
@@ -31,9 +31,7 @@ class SchedulerTimings:
     renew_s: float
     tick_s: float
     reaper_s: float
-    assign_ack_s: float
     timeout_slack_s: float
-    cancel_grace_s: float
     reconcile_s: float = 10.0
     peek: int = 200
 
@@ -174,8 +172,10 @@ class Scheduler:
             rec = await self._store.get_agent(agent_id)
             if rec is None or rec.revoked_at is not None or rec.draining_since is not None:
                 continue
-            free = rec.capacity - counts.get(agent_id, 0)
-            slots.append(AgentSlots(agent_id=agent_id, labels=frozenset(rec.labels), free=free, order=order))
+            grant = grant_of(rec)  # the registration decides, not the agent's hello
+            free = grant.capacity - counts.get(agent_id, 0)
+            slots.append(AgentSlots(agent_id=agent_id, labels=frozenset(grant.labels), free=free, order=order,
+                                    executor=rec.executor or "docker"))
         return slots
 
     async def tick(self) -> int:
@@ -195,7 +195,7 @@ class Scheduler:
             if job is None or job.state != "queued":
                 await self._broker.remove(job_id)  # stale entry: cancelled, or claimed before a crash
                 continue
-            agent = choose_agent(job.spec.labels, slots)
+            agent = choose_agent(job.spec.labels, slots, job.spec.executor)
             if agent is None:
                 continue  # nobody can take it now; it must not block the jobs behind it
             if await self._assign(job, agent.agent_id, epoch):
@@ -208,39 +208,9 @@ class Scheduler:
         return assigned
 
     async def _assign(self, job: JobRecord, agent_id: str, epoch: int) -> bool:
-        now = time.time()
-        attempt = job.attempt + 1
-        deadline = now + job.spec.timeout_s
-        updated = await self._store.update_job(
-            job.id,
-            expect_states=["queued"],
-            expect_attempt=job.attempt,
-            fence_epoch=epoch,
-            changes={
-                "state": "assigned",
-                "attempt": attempt,
-                "agent_id": agent_id,
-                "epoch": epoch,
-                "assigned_at": now,
-                "updated_at": now,
-                "lease_expires_at": now + self._t.assign_ack_s,
-                "deadline": deadline,
-                "exit_code": None,
-                "error": None,
-            },
-        )
-        if updated is None:
+        if await self._jobs.claim(job, agent_id, epoch) is None:
             await self._fenced_refused()
             return False
-        await self._broker.remove(job.id)
-        self._metrics.transitions.labels("assigned").inc()
-        self._metrics.dispatch_latency.observe(max(0.0, now - job.enqueued_at))
-        await self._jobs.announce(updated)
-        sent = await self._agents.send_to_agent(
-            agent_id, m.JobAssign(job_id=job.id, attempt=attempt, spec=job.spec, deadline=deadline)
-        )
-        if not sent:
-            log.warning("assigned agent is gone; the job returns when its lease expires", extra={"job_id": job.id})
         return True
 
     # ---- leases, deadlines, reconciliation -----------------------------------------------------
@@ -251,41 +221,11 @@ class Scheduler:
             return
         now = time.time()
         for job in await self._store.jobs_with_expired_leases(now):
-            final = job.runs >= job.spec.max_attempts
-            event = JobEvent.LEASE_LOST_FINAL if final else JobEvent.LEASE_LOST_RETRY
-            updated = await self._jobs.requeue(job, event, fence_epoch=epoch)
-            if updated is None:
+            if await self._jobs.expire_lease(job, epoch) is None:
                 await self._fenced_refused()
-                continue
-            log.info("lease expired", extra={"job_id": job.id, "attempt": job.attempt, "state": updated.state})
-            if job.agent_id is not None:
-                # If the agent is still around (e.g. it never answered the job-assign), stop that attempt.
-                await self._agents.send_to_agent(
-                    job.agent_id,
-                    m.Cancel(job_id=job.id, attempt=job.attempt, reason="lease expired", grace_s=self._t.cancel_grace_s),
-                )
         for job in await self._store.jobs_past_deadline(now - self._t.timeout_slack_s):
-            updated = await self._store.update_job(
-                job.id,
-                expect_states=sources_of(JobEvent.TIME_OUT),
-                expect_attempt=job.attempt,
-                fence_epoch=epoch,
-                changes={
-                    "state": "timed-out",
-                    "error": f"timed out after {job.spec.timeout_s} s (enforced by the server)",
-                    "finished_at": now,
-                    "updated_at": now,
-                    "lease_expires_at": None,
-                },
-            )
-            if updated is None:
+            if await self._jobs.time_out(job, epoch) is None:
                 await self._fenced_refused()
-                continue
-            await self._jobs.announce(updated)
-            if job.agent_id is not None:
-                await self._agents.send_to_agent(
-                    job.agent_id, m.Cancel(job_id=job.id, attempt=job.attempt, reason="timed out", grace_s=2.0)
-                )
 
     async def reconcile(self) -> None:
         """Put back any queued job missing from the Broker's queue (a Broker restart without

@@ -1,7 +1,8 @@
 """Short-lived, single-use tickets for browser WebSockets (which cannot send headers).
 
 Kept in the Broker's presence with a TTL, so any replica can redeem a ticket another issued;
-`delete_presence(if_value=...)` makes redeeming atomic: only one redeemer wins.
+`delete_presence(if_value=...)` makes redeeming atomic: only one redeemer wins. A ticket stands
+for the API key it was issued with: one whose key was revoked (or expired) since is refused.
 """
 
 from __future__ import annotations
@@ -10,30 +11,35 @@ import secrets
 
 import msgspec
 
-from yardmaster.server.backends.base import Broker
+from yardmaster.server.backends.base import Broker, Store
 from yardmaster.server.backends.keys import PRESENCE_TICKET
 from yardmaster.server.security import tokens
-from yardmaster.server.security.principals import Principal
+from yardmaster.server.security.principals import Principal, still_valid
 
+TICKET_PREFIX = "ymt_"
 
 
 class TicketService:
-    def __init__(self, broker: Broker, ttl_s: float) -> None:
+    def __init__(self, broker: Broker, store: Store, ttl_s: float) -> None:
         self._broker = broker
+        self._store = store
         self.ttl_s = ttl_s
 
     async def issue(self, principal: Principal) -> str:
-        ticket = "ymt_" + secrets.token_urlsafe(32)
+        ticket = TICKET_PREFIX + secrets.token_urlsafe(32)
         await self._broker.set_presence(
             PRESENCE_TICKET, tokens.token_hash(ticket), msgspec.json.encode(principal).decode(), int(self.ttl_s * 1000)
         )
         return ticket
 
     async def redeem(self, ticket: str) -> Principal | None:
-        if not ticket.startswith("ymt_") or len(ticket) > 100:
+        """The ticket's principal, once; None for an unknown, used, expired or forged ticket, or
+        one whose API key no longer works. Either way the ticket is used up."""
+        if not ticket.startswith(TICKET_PREFIX) or len(ticket) > 100:
             return None
         key = tokens.token_hash(ticket)
         value = await self._broker.get_presence(PRESENCE_TICKET, key)
         if value is None or not await self._broker.delete_presence(PRESENCE_TICKET, key, if_value=value):
             return None
-        return msgspec.json.decode(value, type=Principal)
+        principal = msgspec.json.decode(value, type=Principal)
+        return principal if await still_valid(self._store, principal) else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import os
 import time
 import uuid
@@ -15,6 +16,7 @@ import pytest
 
 from yardmaster.protocol.jobs import JobSpec
 from yardmaster.server.backends.base import Store
+from yardmaster.server.backends.documents import from_document, from_json
 from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, JobRecord
 
 MONGO_SKIP_REASON = (
@@ -179,6 +181,27 @@ async def test_agents(store: Store) -> None:
     assert await store.revoke_agent("a_missing", 1.0) is None
     b_now = await store.get_agent(b.id)
     assert b_now is not None and b_now.revoked_at is None
+
+
+async def test_agent_registration_and_declaration_are_kept_apart(store: Store) -> None:
+    a = agent(labels=["a"], capacity=2)
+    await store.put_agent(a)
+    fresh = await store.get_agent(a.id)
+    assert fresh is not None and (fresh.declared_labels, fresh.declared_capacity) == ([], None)
+    said = await store.update_agent(a.id, {"declared_labels": ["prod"], "declared_capacity": 8, "executor": "process"})
+    assert said is not None and (said.labels, said.capacity) == (["a"], 2)
+    assert (said.declared_labels, said.declared_capacity, said.executor) == (["prod"], 8, "process")
+    changed = await store.update_agent(a.id, {"labels": [], "capacity": 1})
+    assert changed is not None and (changed.labels, changed.capacity, changed.declared_labels) == ([], 1, ["prod"])
+    assert await store.get_agent(a.id) == changed
+    with pytest.raises(ValueError):
+        await store.update_agent(a.id, {"declared_capacity": "many"})
+
+
+def test_an_agent_document_written_before_the_declared_fields_still_reads() -> None:
+    old = b'{"id":"agt_1","name":"a","token_hash":"h","labels":["x"],"capacity":3,"created_at":1.0}'
+    for rec in (from_json(old, AgentRecord), from_document(json.loads(old), AgentRecord)):
+        assert (rec.labels, rec.capacity, rec.declared_labels, rec.declared_capacity) == (["x"], 3, [], None)
 
 
 # -- jobs -----------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from aiodocker.exceptions import DockerError
 
 from yardmaster.agent.executors.base import ExecutorError, ExitInfo
-from yardmaster.agent.executors.docker import LABEL_AGENT, DockerExecutor
+from yardmaster.agent.executors.docker import LABEL_AGENT, DockerExecutor, container_name
 from yardmaster.agent.runner import JobRunner
 from yardmaster.protocol.jobs import JobSpec, Resources
 from yardmaster.protocol.messages import AgentToServer, CancelAck, LogChunk, Result, Stream
@@ -187,3 +188,25 @@ async def test_leftover_containers_are_removed_at_open(executor: DockerExecutor,
     await again.close()
     assert our_containers(docker_engine, executor) == []
     await execution.remove()  # already gone: must not raise
+
+
+async def test_the_engine_keeps_no_copy_of_the_output(executor: DockerExecutor, docker_engine: DockerEngine) -> None:
+    streamed = bytearray()
+    arrived = asyncio.Event()
+
+    async def sink(stream: Stream, data: bytes) -> None:
+        streamed.extend(data)
+        if b"only-on-the-stream" in streamed:
+            arrived.set()
+
+    execution = await executor.start("job-nolog", 1, spec("echo only-on-the-stream; exec sleep 600", docker_engine.image), sink)
+    try:
+        await asyncio.wait_for(arrived.wait(), 30)  # the agent still gets the output, from the attach stream
+        container = executor.docker.containers.container(container_name("job-nolog", 1))
+        assert (await container.show())["HostConfig"]["LogConfig"]["Type"] == "none"
+        with pytest.raises(DockerError) as refused:  # nothing kept on the host's disk to read back
+            await container.log(stdout=True, stderr=True)
+        assert "does not support reading" in str(refused.value.message)
+    finally:
+        await execution.stop(grace_s=0)
+        await execution.remove()

@@ -306,3 +306,42 @@ def test_hello_describes_the_agent() -> None:
 def test_other_errors_are_only_logged(code: str) -> None:
     sup = Supervisor(AgentConfig(name="ag", version="0.1.0"), FakeExecutor())
     assert sup.handle(m.Error(code=code, message="x")) == []
+
+
+async def test_welcome_grant_sets_the_slot_count_and_what_was_not_granted_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    h = Harness(capacity=2)  # asks for labels ["l"] and 2 slots
+    granted = m.Welcome(session_id="s", agent_id="a", heartbeat_interval_s=5, lease_s=30, labels=["a"], capacity=1)
+    with caplog.at_level("WARNING", logger="yardmaster.agent.supervisor"):
+        h.sup.handle(granted)
+    h.sup.attach(h.sent.append)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "the server did not grant the labels l (granted: a)" in warnings
+    assert "the server granted a capacity of 1 of the 2 asked for" in warnings
+    assert h.sup.handle(assign("j1")) == [m.JobAccept(job_id="j1", attempt=1)]
+    [reject] = h.sup.handle(assign("j2"))
+    assert isinstance(reject, m.JobReject) and reject.reason == "no free slot"
+    assert h.sup.hello().capacity == 2  # it keeps asking for what it is configured with
+
+
+async def test_a_welcome_without_a_grant_keeps_the_configured_capacity(caplog: pytest.LogCaptureFixture) -> None:
+    h = Harness(capacity=2)
+    with caplog.at_level("WARNING", logger="yardmaster.agent.supervisor"):
+        h.connect()  # a server that predates grants: labels and capacity None
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    h.sup.handle(assign("j1"))
+    assert h.sup.handle(assign("j2")) == [m.JobAccept(job_id="j2", attempt=1)]
+
+
+async def test_a_finished_job_holds_its_slot_until_the_server_acknowledged_it() -> None:
+    h = Harness(capacity=1)
+    h.connect()
+    h.sup.handle(assign("j1"))
+    (await h.started("j1")).finish(0)
+    await settle()
+    [reject] = h.sup.handle(assign("j2"))  # j1's result is not acknowledged yet: still listed
+    assert isinstance(reject, m.JobReject) and reject.reason == "no free slot"
+    assert len(h.sup.heartbeat().running) == 1
+    h.sup.handle(m.ResultAck(job_id="j1", attempt=1))
+    assert h.sup.handle(assign("j3")) == [m.JobAccept(job_id="j3", attempt=1)]

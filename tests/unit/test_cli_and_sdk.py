@@ -238,3 +238,42 @@ def test_iter_logs_pages_until_empty() -> None:
 ])
 def test_ws_url(base: str, ws: str) -> None:
     assert _ws_url(base.rstrip("/")) == ws
+
+
+def test_submit_executor_option() -> None:
+    args = parse(["submit", "--image", "none", "--executor", "process", "--", "true"])
+    assert cli.build_job_spec(args)["executor"] == "process"
+    assert "executor" not in cli.build_job_spec(parse(["submit", "--image", "b", "--", "true"]))
+    with pytest.raises(SystemExit):
+        parse(["submit", "--image", "b", "--executor", "vm", "--", "true"])
+
+
+def test_agents_update_parses_and_sends_a_patch_of_what_was_given() -> None:
+    args = parse(["agents", "update", "agt_1", "--label", "a", "--label", "b", "--capacity", "0"])
+    assert args.client_handler is cli.cmd_agents_update
+    assert (args.id, args.label, args.capacity, args.clear_labels) == ("agt_1", ["a", "b"], 0, False)
+    seen: list[httpx.Request] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"id": "agt_1", "labels": []})
+
+    client = fake_client(httpx.MockTransport(handle))
+    client.update_agent("agt_1", labels=["a"], capacity=3)
+    client.update_agent("agt/1", labels=[])
+    client.update_agent("agt_1", capacity=1)
+    assert [r.method for r in seen] == ["PATCH"] * 3
+    assert [r.url.raw_path for r in seen] == [b"/api/v1/agents/agt_1", b"/api/v1/agents/agt%2F1", b"/api/v1/agents/agt_1"]
+    assert [json.loads(r.content) for r in seen] == [{"labels": ["a"], "capacity": 3}, {"labels": []}, {"capacity": 1}]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["agents", "update", "agt_1"], "nothing to change"),
+    (["agents", "update", "agt_1", "--clear-labels", "--label", "a"], "exclude each other"),
+])
+def test_agents_update_refuses_before_calling_the_server(argv: list[str], message: str) -> None:
+    called: list[httpx.Request] = []
+    client = fake_client(httpx.MockTransport(lambda r: called.append(r) or httpx.Response(200, json={})))
+    with pytest.raises(cli.UsageError, match=message):
+        cli.cmd_agents_update(parse(argv), client)
+    assert called == []

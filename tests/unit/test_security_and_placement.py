@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from yardmaster.server.backends.records import AgentRecord
+from yardmaster.server.core.agent_registry import Grant, clip, grant_of, sanitize_labels
 from yardmaster.server.core.placement import AgentSlots, choose_agent
 from yardmaster.server.security import tokens
 from yardmaster.server.settings import SettingsError, load_settings
@@ -34,8 +36,12 @@ def test_settings_from_environment_are_validated_by_name() -> None:
     with pytest.raises(SettingsError, match="YM_REDIS_URL"):
         load_settings({"YM_REDIS_URL": "http://nope"})
     secret = "redis://:hunter2@localhost"
-    loaded = load_settings({"YM_ADMIN_KEY": "ymk_x", "YM_REDIS_URL": secret})
-    assert "hunter2" not in repr(loaded) and "ymk_x" not in repr(loaded)
+    key = tokens.new_token("api-key")
+    loaded = load_settings({"YM_ADMIN_KEY": key, "YM_REDIS_URL": secret})
+    assert "hunter2" not in repr(loaded) and key not in repr(loaded)
+    with pytest.raises(SettingsError, match="YM_ADMIN_KEY") as info:
+        load_settings({"YM_ADMIN_KEY": key[:-1] + "x"})
+    assert key[:-1] not in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -83,3 +89,47 @@ def test_placement_spreads_to_the_agent_with_most_free_slots_then_stable_order()
     agents = _agents(("a", set(), 1), ("b", set(), 3), ("c", set(), 3))
     chosen = choose_agent([], agents)
     assert chosen is not None and chosen.agent_id == "b"
+
+
+def test_placement_matches_the_executor_exactly() -> None:
+    agents = [
+        AgentSlots(agent_id="proc", labels=frozenset(), free=5, order=0, executor="process"),
+        AgentSlots(agent_id="dock", labels=frozenset(), free=1, order=1, executor="docker"),
+        AgentSlots(agent_id="odd", labels=frozenset(), free=9, order=2, executor="podman"),
+    ]
+    docker_job = choose_agent([], agents)  # a job's executor is "docker" unless it asks otherwise
+    assert docker_job is not None and docker_job.agent_id == "dock"
+    process_job = choose_agent([], agents, "process")
+    assert process_job is not None and process_job.agent_id == "proc"
+    only_process = [a for a in agents if a.executor != "docker"]
+    assert choose_agent([], only_process, "docker") is None  # never an unsandboxed host
+    assert choose_agent([], agents[1:], "process") is None  # never a process job on Docker
+
+
+def _agent(**fields: object) -> AgentRecord:
+    return AgentRecord(id="agt_1", name="a", token_hash="h", created_at=0.0, **fields)  # type: ignore[arg-type]
+
+
+def test_the_registration_decides_labels_and_capacity() -> None:
+    # Registered labels win; what the agent declares is ignored.
+    assert grant_of(_agent(labels=["a"], capacity=2, declared_labels=["prod"], declared_capacity=8)) == Grant(["a"], 2)
+    # Registered with none: the declared labels apply. Capacity is min(declared, registered).
+    assert grant_of(_agent(labels=[], capacity=4, declared_labels=["gpu"], declared_capacity=1)) == Grant(["gpu"], 1)
+    # Never said hello: the registration as it is.
+    assert grant_of(_agent(labels=["b"], capacity=3)) == Grant(["b"], 3)
+    assert grant_of(_agent(labels=["b"], capacity=3, declared_capacity=0)) == Grant(["b"], 0)
+
+
+def test_declared_labels_follow_the_job_label_rule() -> None:
+    valid, refused = sanitize_labels(["linux", "has space", "linux", "-dash-first", "x" * 129, "arm64"])
+    assert valid == ["arm64", "linux"]
+    assert refused == ["has space", "-dash-first", "x" * 129]
+    many = [f"l{i:03d}" for i in range(70)]
+    valid, refused = sanitize_labels(many)
+    assert valid == many[:64] and refused == many[64:]
+
+
+def test_clip_bounds_agent_supplied_text() -> None:
+    assert clip("short") == "short"
+    assert clip("x" * 10_000) == "x" * 200 + "..."
+    assert clip("y" * 100, 10) == "y" * 10 + "..."

@@ -1,0 +1,143 @@
+"""The client-channel sockets open on this replica, by principal, and the revocations that close them.
+
+A revocation (of one API key, or of every key of a principal) is published on the Broker's
+`principals` channel, and every replica closes its matching sockets with 4001. One missed while
+the subscription is being made again (a Broker outage) is caught by a sweep that re-checks, in
+the Store, the keys of the sockets still open. The cap on sockets per principal counts this
+replica's sockets only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import msgspec
+
+from yardmaster.protocol.close_codes import CloseCode
+from yardmaster.server.backends.base import BackendUnavailable, Broker
+from yardmaster.server.backends.keys import PRINCIPALS_CHANNEL
+from yardmaster.server.core.subscriptions import read_forever
+from yardmaster.server.security.principals import Principal
+
+log = logging.getLogger("yardmaster.client_sockets")
+
+SWEEP_S = 30.0
+REVOKED_REASON = "credential revoked"
+
+
+class ClientLink(Protocol):
+    """What a client channel connection offers the core."""
+
+    principal: Principal
+
+    def close(self, code: int, reason: str) -> None: ...
+
+
+class Revocation(msgspec.Struct, kw_only=True, frozen=True):
+    """Close the sockets of this key, or (no key id) of every key of this principal."""
+
+    principal_id: str
+    key_id: str | None = None
+
+    def matches(self, principal: Principal) -> bool:
+        if principal.id != self.principal_id:
+            return False
+        return self.key_id is None or principal.key_id == self.key_id
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Revocation)
+
+StillValid = Callable[[Principal], Awaitable[bool]]
+
+
+class ClientSockets:
+    def __init__(self, broker: Broker, still_valid: StillValid, sweep_s: float = SWEEP_S) -> None:
+        self._broker = broker
+        self._still_valid = still_valid
+        self._sweep_s = sweep_s
+        self._by_principal: dict[str, set[ClientLink]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        subscription = await self._broker.subscribe(PRINCIPALS_CHANNEL)
+        self._tasks = [
+            asyncio.create_task(
+                read_forever(self._broker, PRINCIPALS_CHANNEL, subscription, self._handle), name="client-revocations"
+            ),
+            asyncio.create_task(self._sweep_forever(), name="client-revocation-sweep"),
+        ]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    # ---- the registry ---------------------------------------------------------------------------
+
+    def try_add(self, link: ClientLink, limit: int) -> bool:
+        """Register `link` unless its principal already has `limit` sockets here. Checking and
+        adding in one step (no await between) keeps concurrent handshakes under the cap."""
+        links = self._by_principal.setdefault(link.principal.id, set())
+        if len(links) >= limit:
+            if not links:
+                del self._by_principal[link.principal.id]
+            return False
+        links.add(link)
+        return True
+
+    def remove(self, link: ClientLink) -> None:
+        links = self._by_principal.get(link.principal.id)
+        if links is not None:
+            links.discard(link)
+            if not links:
+                del self._by_principal[link.principal.id]
+
+    def count(self, principal_id: str) -> int:
+        return len(self._by_principal.get(principal_id, ()))
+
+    # ---- revocation -------------------------------------------------------------------------------
+
+    async def revoke(self, revocation: Revocation) -> None:
+        """Close the matching sockets on every replica (this one included)."""
+        try:
+            await self._broker.publish(PRINCIPALS_CHANNEL, _encoder.encode(revocation))
+        except BackendUnavailable as exc:
+            # The other replicas' sweeps find the revoked key in the Store.
+            log.warning("revocation not published", extra={"reason": str(exc)})
+            self.close_matching(revocation)
+
+    def close_matching(self, revocation: Revocation) -> int:
+        links = [link for link in self._by_principal.get(revocation.principal_id, ()) if revocation.matches(link.principal)]
+        for link in links:
+            link.close(CloseCode.REVOKED, REVOKED_REASON)
+        return len(links)
+
+    async def _handle(self, data: bytes) -> None:
+        self.close_matching(_decoder.decode(data))
+
+    async def sweep(self) -> int:
+        """Close the sockets whose key no longer works; how many were closed."""
+        principals = {link.principal for links in self._by_principal.values() for link in links}
+        closed = 0
+        for principal in principals:
+            if not await self._still_valid(principal):
+                closed += self.close_matching(Revocation(principal_id=principal.id, key_id=principal.key_id))
+        return closed
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_s)
+            try:
+                await self.sweep()
+            except BackendUnavailable:
+                pass  # next time
+            except Exception:
+                log.exception("revocation sweep failed")
