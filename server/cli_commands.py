@@ -1,4 +1,4 @@
-"""The user commands of the `yardmaster` CLI: submit, logs, jobs, job, cancel, agents.
+"""The user commands of the `yardmaster` CLI: submit, submit-batch, logs, jobs, job, cancel, agents.
 
 server/cli.py owns the top-level parser; it calls `add_client_commands(subparsers)` and then
 `dispatch_client_command(args)`, which returns an exit code (or None for a command that is not
@@ -208,6 +208,29 @@ def cmd_submit(args: argparse.Namespace, client: YardmasterClient) -> int:
     return exit_code_for(final.state, final.exit_code)
 
 
+def read_batch_file(path: str, stdin: TextIO | None = None) -> list[Any]:
+    """The specs of `submit-batch`: a JSON array of job specs (or one spec) in a file, `-` for stdin."""
+    try:
+        text = (stdin or sys.stdin).read() if path == "-" else Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    try:
+        specs = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"{path} is not JSON: {exc}") from None
+    if isinstance(specs, dict):
+        return [specs]
+    if not isinstance(specs, list):
+        raise UsageError(f"{path} must hold a JSON array of job specs")
+    return specs
+
+
+def cmd_submit_batch(args: argparse.Namespace, client: YardmasterClient) -> int:
+    for job in client.submit_jobs(read_batch_file(args.file)):
+        print(job["id"])
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace, client: YardmasterClient) -> int:
     if args.follow:
         _follow(client, args.job, args.from_offset)
@@ -347,6 +370,12 @@ def add_client_commands(subparsers: Any) -> None:
                    help="the command after --; one word with spaces runs under sh -c")
     p.set_defaults(client_handler=cmd_submit)
 
+    p = subparsers.add_parser("submit-batch", parents=[common], help="submit up to 1000 jobs from a JSON file, all or none",
+                              description="Submit the job specs of FILE (a JSON array, as POST /api/v1/jobs takes) "
+                                          "in one request: all are queued, or none. Prints the job ids in order.")
+    p.add_argument("file", metavar="FILE", help="JSON file with an array of job specs; - reads stdin")
+    p.set_defaults(client_handler=cmd_submit_batch)
+
     p = subparsers.add_parser("logs", parents=[common], help="print a job's logs")
     p.add_argument("job")
     p.add_argument("--follow", "-f", action="store_true", help="keep streaming until the job finishes")
@@ -411,7 +440,7 @@ def run_client_command(args: argparse.Namespace, environ: dict[str, str] | os._E
         with YardmasterClient(url, api_key, ca_file=ca_file) as client:
             return handler(args, client)
     except (RequestRefused, ServerUnreachable, UsageError) as exc:
-        sys.stderr.write(f"error: {error_line(exc, url, submitting=handler is cmd_submit)}\n")
+        sys.stderr.write(f"error: {error_line(exc, url, submitting=handler in (cmd_submit, cmd_submit_batch))}\n")
         return 2 if isinstance(exc, UsageError) else 1
     except KeyboardInterrupt:
         sys.stderr.write("\ninterrupted\n")

@@ -21,7 +21,7 @@ from yardmaster.server.core.scheduler import Scheduler, SchedulerTimings
 from yardmaster.server.observability.metrics import Metrics
 from yardmaster.server.security.bootstrap import ensure_admin_key
 from yardmaster.server.security.tickets import TicketService
-from yardmaster.server.security.principals import Principal, still_valid
+from yardmaster.server.security.principals import Principal, PrincipalCache, still_valid
 from yardmaster.server.core.keys import KeyService
 from yardmaster.server.settings import Settings
 from yardmaster.protocol.close_codes import CloseCode
@@ -38,12 +38,15 @@ class Runtime:
         self.replica_id = s.replica_id or new_id("rep")
         self.metrics = Metrics()
         self.events = EventPublisher(broker)
-        self.topics = TopicHub(broker)
+        self.topics = TopicHub(broker, self.metrics.client_messages_out)
         self.tickets = TicketService(broker, store, s.ws_ticket_ttl_s)
-        self.client_sockets = ClientSockets(broker, self._key_still_valid)
+        self.principal_cache = PrincipalCache(s.api_key_cache_s)
+        self.client_sockets = ClientSockets(
+            broker, self._key_still_valid, on_revocation=lambda r: self.principal_cache.forget(r.principal_id, r.key_id)
+        )
         self.keys = KeyService(store, self.client_sockets)
         self.agents = AgentHub(broker, self.metrics, self.replica_id, s.lease_s)
-        self.agent_registry = AgentRegistry(store, self.agents, wake_scheduler=self.wake_scheduler)
+        self.agent_registry = AgentRegistry(store, self.agents, wake_scheduler=self._agents_changed)
         self.jobs = JobService(
             store,
             broker,
@@ -82,6 +85,9 @@ class Runtime:
 
     def wake_scheduler(self) -> None:
         self.scheduler.wake()
+
+    def _agents_changed(self) -> None:
+        self.scheduler.agents_changed()
 
     async def start(self) -> None:
         await self.store.start()

@@ -24,7 +24,7 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
     _check_readable("YM_TLS_CERT_FILE", settings.tls_cert_file)
     _check_readable("YM_TLS_KEY_FILE", settings.tls_key_file)
     return uvicorn.Config(
-        build_app(settings),
+        build_app(settings, tune_gc=True),
         host=settings.host,
         port=settings.port,
         http=http_protocol_class(settings.handshake_timeout_s),  # httptools, plus a request-head timeout

@@ -54,6 +54,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Per-job stored output: head and tail are kept, the middle dropped (0: no cap).
     log_cap_bytes: Annotated[int, msgspec.Meta(ge=0)] = 16 << 20
     ws_ticket_ttl_s: Seconds = 30.0
+    # How long a replica may trust an API key it looked up; revocations reach every replica at
+    # once over the Broker, this bounds one missed during a Broker outage. 0: no cache.
+    api_key_cache_s: Annotated[float, msgspec.Meta(ge=0, le=300)] = 5.0
     # Connections
     limit_concurrency: Count = 10_000  # open connections + tasks uvicorn serves; beyond it, 503
     handshake_timeout_s: Seconds = 10.0  # a client that has not sent a whole request head by then is dropped

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from starlette.requests import Request
+import logging
+
+from starlette.requests import ClientDisconnect, Request
 
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.runtime import Runtime
 from yardmaster.server.security.principals import Principal, bearer_token, principal_for_api_key
+
+log = logging.getLogger("yardmaster.api")
 
 
 def runtime(request: Request) -> Runtime:
@@ -17,7 +21,8 @@ async def require_principal(request: Request) -> Principal:
     token = bearer_token(request.headers.get("authorization"))
     if token is None:
         raise ApiError(401, "unauthorized", "missing Authorization: Bearer <API key>", headers={"WWW-Authenticate": "Bearer"})
-    principal = await principal_for_api_key(runtime(request).store, token)
+    rt = runtime(request)
+    principal = await principal_for_api_key(rt.store, token, rt.principal_cache)
     if principal is None:
         raise ApiError(401, "unauthorized", "invalid, revoked or expired API key", headers={"WWW-Authenticate": "Bearer"})
     return principal
@@ -35,8 +40,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     if length is not None and length.isdigit() and int(length) > limit:
         raise ApiError(413, "too-large", f"request body over {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, "too-large", f"request body over {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, "too-large", f"request body over {limit} bytes")
+    except ClientDisconnect:
+        # The client went away mid-body: no server error, and nobody is left to read an answer.
+        log.debug("client closed the connection before its request body was complete", extra={"path": request.url.path})
+        raise ApiError(499, "client-closed", "the client closed the connection before its request body was complete") from None
     return bytes(body)

@@ -7,16 +7,21 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from yardmaster.protocol.jobs import JOB_STATES, decode_spec_request, validation_field
+from yardmaster.protocol.jobs import JOB_STATES, JobSpec, decode_spec_request, validation_field
 from yardmaster.server.api.auth import read_body, require_principal, runtime
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.api.views import job_view
 from yardmaster.server.backends.records import JobRecord
 from yardmaster.server.core.admission import AdmissionRefused
 from yardmaster.server.core.jobs import JobAlreadyFinished, JobNotFound
+from yardmaster.server.runtime import Runtime
 from yardmaster.server.security.principals import Principal
 
 MAX_PAGE = 1000
+MAX_BATCH = 1000  # specs in one batch submit
+
+_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_json = msgspec.json.Encoder()
 
 
 def int_param(request: Request, name: str, default: int, lo: int, hi: int) -> int:
@@ -42,20 +47,56 @@ async def visible_job(request: Request, principal: Principal) -> JobRecord:
     return job
 
 
+def decode_spec(body: bytes, index: int | None = None) -> JobSpec:
+    """One spec of the request; `index` is its position in a batch (named in the error)."""
+    try:
+        return decode_spec_request(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        field = validation_field(exc) if isinstance(exc, msgspec.ValidationError) else None
+        message = str(exc)
+        if index is not None:
+            field = f"[{index}].{field}" if field else f"[{index}]"
+            where = f"`$[{index}]"
+            message = message.replace("`$", where, 1) if "`$" in message else f"{message} - at {where}`"
+        raise ApiError(422, "invalid-spec", message, field=field) from None
+
+
+def decode_batch(body: bytes) -> list[JobSpec]:
+    """A batch submit: a JSON array of 1 to MAX_BATCH specs, every one valid."""
+    try:
+        items = _batch_decoder.decode(body)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise ApiError(422, "invalid-spec", str(exc)) from None
+    if not items:
+        raise ApiError(422, "invalid-spec", "a batch holds at least 1 job")
+    if len(items) > MAX_BATCH:
+        raise ApiError(422, "invalid-spec", f"at most {MAX_BATCH} jobs in one submit", field=f"[{MAX_BATCH}]")
+    return [decode_spec(bytes(raw), i) for i, raw in enumerate(items)]
+
+
 async def submit_job(request: Request) -> Response:
+    """One spec (a JSON object) or a batch (a JSON array of specs: all stored, or none)."""
     principal = await require_principal(request)
     rt = runtime(request)
     body = await read_body(request, rt.settings.max_request_body_bytes)
-    try:
-        spec = decode_spec_request(body)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-        field = validation_field(exc) if isinstance(exc, msgspec.ValidationError) else None
-        raise ApiError(422, "invalid-spec", str(exc), field=field) from None
+    if body.lstrip()[:1] == b"[":
+        return await submit_batch(rt, principal, decode_batch(body))
+    spec = decode_spec(body)
     try:
         job = await rt.jobs.submit(spec, principal.id)
     except AdmissionRefused as exc:
         raise ApiError(422, "not-allowed", exc.message, field=exc.field) from None
     return JSONResponse(job_view(job, principal), status_code=201, headers={"Location": f"/api/v1/jobs/{job.id}"})
+
+
+async def submit_batch(rt: Runtime, principal: Principal, specs: list[JobSpec]) -> Response:
+    try:
+        jobs = await rt.jobs.submit_many(specs, principal.id)
+    except AdmissionRefused as exc:
+        raise ApiError(422, "not-allowed", exc.message, field=exc.field) from None
+    # In submission order; env values shown as to a single submit's submitter.
+    body = _json.encode({"jobs": [job_view(job, principal) for job in jobs]})
+    return Response(body, status_code=201, media_type="application/json")
 
 
 async def list_jobs(request: Request) -> Response:

@@ -7,7 +7,7 @@ in the Store; the Broker only speeds things up, it never decides correctness alo
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
 from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
@@ -45,6 +45,9 @@ class Broker(Protocol):
     # -- job queue: one sorted set ordered by queue_score ---------------------------------------
     async def enqueue(self, job_id: str, priority: int, enqueued_at: float) -> None:
         """Add the job (idempotent: enqueuing a queued job keeps its position)."""
+
+    async def enqueue_many(self, items: Collection[tuple[str, int, float]]) -> None:
+        """`enqueue` for each (job_id, priority, enqueued_at), in one round trip."""
 
     async def peek(self, limit: int) -> list[str]:
         """Up to `limit` job ids in queue order, without removing them."""
@@ -85,6 +88,9 @@ class Broker(Protocol):
 
     # -- pub/sub ----------------------------------------------------------------------------------
     async def publish(self, channel: str, data: bytes) -> None: ...
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        """`publish` each (channel, data), in this order, in one round trip."""
 
     async def subscribe(self, channel: str) -> Subscription:
         """Subscribe; messages published after this call returns are delivered."""
@@ -127,7 +133,13 @@ class Store(Protocol):
     # -- jobs ---------------------------------------------------------------------------------------------
     async def create_job(self, rec: JobRecord) -> None: ...
 
+    async def create_jobs(self, recs: Collection[JobRecord]) -> None:
+        """Create all of them in one transaction (a batch submit): all or none."""
+
     async def get_job(self, job_id: str) -> JobRecord | None: ...
+
+    async def get_jobs(self, job_ids: Collection[str]) -> dict[str, JobRecord]:
+        """The jobs among `job_ids` that exist, by id, in one round trip."""
 
     async def list_jobs(
         self,
@@ -146,11 +158,14 @@ class Store(Protocol):
         *,
         expect_states: Collection[str],
         expect_attempt: int | None = None,
+        expect_agent: str | None = None,
         fence_epoch: int | None = None,
         changes: Mapping[str, Any],
+        increments: Mapping[str, int] | None = None,
     ) -> JobRecord | None:
-        """Compare-and-set: apply `changes` only if the job is in one of `expect_states` (and at
-        `expect_attempt`, when given). With `fence_epoch`, the change also fails when a higher
+        """Compare-and-set: apply `changes` (and add `increments` to integer fields) only if the
+        job is in one of `expect_states` (and at `expect_attempt` and on `expect_agent`, when
+        given), so a caller need not read the job first. With `fence_epoch`, the change also fails when a higher
         epoch has been recorded by `advance_fence` or an earlier fenced change, and records this
         epoch otherwise. Returns the updated record, or None when nothing changed."""
 

@@ -61,19 +61,37 @@ def change_document(cls: type[msgspec.Struct], changes: Mapping[str, Any]) -> di
     return out
 
 
-def apply_changes(rec: T, changes: Mapping[str, Any]) -> T:
-    """A copy of `rec` with `changes` applied (validated as in `change_document`)."""
+def apply_changes(rec: T, changes: Mapping[str, Any], increments: Mapping[str, int] | None = None) -> T:
+    """A copy of `rec` with `changes` applied (validated as in `change_document`) and
+    `increments` added (see `check_increments`)."""
     cls = type(rec)
     types = _field_types(cls)
     values = {name: msgspec.convert(v, types[name]) for name, v in change_document(cls, changes).items()}
+    for name, step in check_increments(cls, increments).items():
+        values[name] = values.get(name, getattr(rec, name)) + step
     return msgspec.structs.replace(rec, **values)
 
 
-def matches(rec: JobRecord, expect_states: Collection[str], expect_attempt: int | None) -> bool:
-    """The compare part of compare-and-set on a job."""
+def check_increments(cls: type[msgspec.Struct], increments: Mapping[str, int] | None) -> Mapping[str, int]:
+    """Increments are whole numbers added to integer fields of the record."""
+    if not increments:
+        return {}
+    types = _field_types(cls)
+    for name, step in increments.items():
+        if types.get(name) is not int or type(step) is not int:
+            raise ValueError(f"cannot increment {cls.__name__}.{name} by {step!r}")
+    return increments
+
+
+def matches(
+    rec: JobRecord, expect_states: Collection[str], expect_attempt: int | None, expect_agent: str | None = None
+) -> bool:
+    """The compare part of compare-and-set on a job (None: that part is not checked)."""
     if rec.state not in expect_states:
         return False
-    return expect_attempt is None or rec.attempt == expect_attempt
+    if expect_attempt is not None and rec.attempt != expect_attempt:
+        return False
+    return expect_agent is None or rec.agent_id == expect_agent
 
 
 def job_changes(changes: Mapping[str, Any], fence_epoch: int | None) -> Mapping[str, Any]:

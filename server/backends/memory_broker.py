@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 
 from yardmaster.server.backends.base import queue_score
 
@@ -126,6 +126,10 @@ class MemoryBroker:
         self._scores[job_id] = score
         bisect.insort(self._queue, (score, job_id))
 
+    async def enqueue_many(self, items: Collection[tuple[str, int, float]]) -> None:
+        for job_id, priority, enqueued_at in items:
+            await self.enqueue(job_id, priority, enqueued_at)
+
     async def peek(self, limit: int) -> list[str]:
         return [job_id for _, job_id in self._queue[: max(0, limit)]]
 
@@ -214,6 +218,10 @@ class MemoryBroker:
     async def publish(self, channel: str, data: bytes) -> None:
         for sub in list(self._subs.get(channel, ())):
             sub.deliver(data)
+
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        for channel, data in messages:
+            await self.publish(channel, data)
 
     async def subscribe(self, channel: str) -> QueueSubscription:
         sub = QueueSubscription(channel, self._buffer, self._detach)

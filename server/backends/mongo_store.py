@@ -32,12 +32,12 @@ import msgspec
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, PyMongoError
+from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError, PyMongoError
 
 from yardmaster.protocol.jobs import LEASED_STATES
 from yardmaster.server.backends import logcap
 from yardmaster.server.backends.base import BackendUnavailable
-from yardmaster.server.backends.documents import change_document, from_document, job_changes, to_document
+from yardmaster.server.backends.documents import check_increments, change_document, from_document, job_changes, to_document
 from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
 
 P = ParamSpec("P")
@@ -47,6 +47,7 @@ Doc = dict[str, Any]
 _LEASED = sorted(LEASED_STATES)
 _AFTER = ReturnDocument.AFTER
 _FENCE = "fence"
+_IDS_PER_QUERY = 50_000  # ids in one `$in` (a query document must stay under 16 MB)
 
 
 def _unavailable(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -206,9 +207,42 @@ class MongoStore:
             raise ValueError(f"job {rec.id!r} already exists") from exc
 
     @_unavailable
+    async def create_jobs(self, recs: Collection[JobRecord]) -> None:
+        """All or none without a multi-document transaction: an ordered insert stops at the first
+        failure, and the jobs it inserted before it are deleted again before the error is raised.
+        Nothing else knows those ids yet (the caller has not enqueued them), so only a reader
+        listing jobs at that moment could glimpse them. A connection lost in the middle can leave
+        a prefix of the batch (reported as BackendUnavailable)."""
+        docs = [_with_id(rec) for rec in recs]
+        if not docs:
+            return
+        jobs = self._c("jobs")
+        try:
+            await jobs.insert_many(docs, ordered=True)
+        except BulkWriteError as exc:
+            errors = exc.details.get("writeErrors") or [{"index": 0}]
+            inserted = [d["_id"] for d in docs[: int(errors[0]["index"])]]
+            if inserted:
+                await jobs.delete_many({"_id": {"$in": inserted}})
+            if all(e.get("code") == 11000 for e in errors):
+                raise ValueError(f"a job of the batch already exists: {errors[0].get('errmsg', '')}") from exc
+            raise
+
+    @_unavailable
     async def get_job(self, job_id: str) -> JobRecord | None:
         doc = await self._c("jobs").find_one({"_id": job_id})
         return from_document(doc, JobRecord) if doc else None
+
+    @_unavailable
+    async def get_jobs(self, job_ids: Collection[str]) -> dict[str, JobRecord]:
+        ids = list(dict.fromkeys(job_ids))
+        out: dict[str, JobRecord] = {}
+        for start in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[start : start + _IDS_PER_QUERY]
+            for doc in await self._c("jobs").find({"_id": {"$in": chunk}}).to_list(None):
+                rec = from_document(doc, JobRecord)
+                out[rec.id] = rec
+        return out
 
     @_unavailable
     async def list_jobs(
@@ -241,21 +275,29 @@ class MongoStore:
         *,
         expect_states: Collection[str],
         expect_attempt: int | None = None,
+        expect_agent: str | None = None,
         fence_epoch: int | None = None,
         changes: Mapping[str, Any],
+        increments: Mapping[str, int] | None = None,
     ) -> JobRecord | None:
         changes = job_changes(changes, fence_epoch)
         update = change_document(JobRecord, changes)
+        inc = dict(check_increments(JobRecord, increments))
         query: Doc = {"_id": job_id, "state": {"$in": list(expect_states)}}
         if expect_attempt is not None:
             query["attempt"] = expect_attempt
+        if expect_agent is not None:
+            query["agent_id"] = expect_agent
         if fence_epoch is not None:
             if await self.advance_fence(fence_epoch) > fence_epoch:
                 return None
             query["epoch"] = {"$lte": fence_epoch}
         jobs = self._c("jobs")
-        if update:
-            doc = await jobs.find_one_and_update(query, {"$set": update}, return_document=_AFTER)
+        if update or inc:
+            operations: Doc = {"$set": update} if update else {}
+            if inc:
+                operations["$inc"] = inc
+            doc = await jobs.find_one_and_update(query, operations, return_document=_AFTER)
         else:
             doc = await jobs.find_one(query)
         return from_document(doc, JobRecord) if doc else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -275,6 +275,12 @@ class RedisBroker:
         await self._redis.zadd(self._queue_key, {job_id: queue_score(priority, enqueued_at)}, nx=True)
 
     @_redis_errors
+    async def enqueue_many(self, items: Collection[tuple[str, int, float]]) -> None:
+        scores = {job_id: queue_score(priority, enqueued_at) for job_id, priority, enqueued_at in items}
+        if scores:  # ZADD with no member is a syntax error
+            await self._redis.zadd(self._queue_key, scores, nx=True)
+
+    @_redis_errors
     async def peek(self, limit: int) -> list[str]:
         if limit <= 0:
             return []
@@ -348,6 +354,15 @@ class RedisBroker:
     @_redis_errors
     async def publish(self, channel: str, data: bytes) -> None:
         await self._redis.publish(self._keys.channel(channel), data)
+
+    @_redis_errors
+    async def publish_many(self, messages: Sequence[tuple[str, bytes]]) -> None:
+        if not messages:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for channel, data in messages:
+                pipe.publish(self._keys.channel(channel), data)
+            await pipe.execute()
 
     @_redis_errors
     async def subscribe(self, channel: str) -> QueueSubscription:

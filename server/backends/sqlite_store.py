@@ -1,35 +1,40 @@
 """SqliteStore: the embedded default Store, on one SQLite file that several server processes on
 one host may share.
 
-Every read-then-write runs inside `BEGIN IMMEDIATE`, which takes SQLite's single write lock
-up front, so a compare-and-set is atomic across processes and not only across coroutines.
-Each process keeps one connection; an asyncio.Lock keeps one transaction at a time on it.
+Each Store method is one synchronous function run on the store's database thread
+(sqlite_worker.py): one hop from the event loop, whatever the number of statements. Writes run
+inside `BEGIN IMMEDIATE`, which takes SQLite's single write lock up front, so a compare-and-set
+(read, check, write in one transaction) is atomic across processes and not only across
+coroutines; another process waiting for the lock waits up to BUSY_TIMEOUT_MS. Writes that queue
+up together share one transaction (group commit); each caller is answered after the COMMIT.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Collection, Iterable, Mapping
-from contextlib import asynccontextmanager, suppress
+from collections.abc import Collection, Mapping
 from typing import Any, TypeVar, cast
 
-import aiosqlite
 import msgspec
 
 from yardmaster.protocol.jobs import LEASED_STATES
+from yardmaster.protocol.messages import Stream
 from yardmaster.server.backends import logcap
 from yardmaster.server.backends.base import BackendUnavailable
-from yardmaster.server.backends.documents import apply_changes, from_json, job_changes, matches, to_json
-from yardmaster.protocol.messages import Stream
+from yardmaster.server.backends.documents import apply_changes, check_increments, from_json, job_changes, matches, to_json
 from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
+from yardmaster.server.backends.sqlite_worker import SqliteWorker, Work
 from yardmaster.server.backends.stores import ensure_private_dir, ensure_private_file
 
 SCHEMA_VERSION = 1
 
+T = TypeVar("T")
 R = TypeVar("R", ApiKeyRecord, AgentRecord)
 BUSY_TIMEOUT_MS = 30_000
+# Per connection; WAL with synchronous=NORMAL: a COMMIT survives the process dying at any point.
+_PRAGMAS = (f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}", "PRAGMA journal_mode=WAL", "PRAGMA synchronous=NORMAL")
 _LEASED = tuple(sorted(LEASED_STATES))
 _LEASED_SQL = ",".join("?" * len(_LEASED))
 
@@ -76,6 +81,7 @@ CREATE TABLE IF NOT EXISTS log_stats (job_id TEXT PRIMARY KEY, stats TEXT NOT NU
 """
 
 _JOB_COLUMNS = "id, owner, state, agent_id, lease_expires_at, deadline, doc"
+_INSERT_JOB = f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
 
 
 def _doc(rec: Any) -> str:
@@ -89,8 +95,11 @@ def _job_row(rec: JobRecord) -> tuple[Any, ...]:
 class SqliteStore:
     def __init__(self, path: str) -> None:
         self.path = path
-        self._db: aiosqlite.Connection | None = None
-        self._lock = asyncio.Lock()
+        self._worker: SqliteWorker | None = None
+        # Hops to the database thread since construction (start() included): one per Store call
+        # that touches the database. Kept for tests that bound the round trips of a job; a plain
+        # int, free to read or reset.
+        self.round_trips = 0
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -99,78 +108,66 @@ class SqliteStore:
         # 0600 main file keeps them private; files left by an older version are fixed here.
         for suffix in ("", "-wal", "-shm", "-journal"):
             ensure_private_file(self.path + suffix, create=suffix == "")
+        worker = SqliteWorker(self.path, busy_timeout_ms=BUSY_TIMEOUT_MS, pragmas=_PRAGMAS)
         try:
-            pending = aiosqlite.connect(self.path, isolation_level=None, timeout=BUSY_TIMEOUT_MS / 1000)
-            # aiosqlite's worker thread is not a daemon: a process that dies without close() would
-            # hang at exit. SQLite rolls back an interrupted transaction, so a daemon is safe.
-            thread = getattr(pending, "_thread", None)
-            if thread is not None:
-                thread.daemon = True
-            db = await pending
+            await worker.start()
         except sqlite3.Error as exc:
             raise BackendUnavailable(f"SQLite store at {self.path}: {exc}") from exc
-        self._db = db
-        await db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        async with self._write() as tx:
-            await tx.executescript_in_tx(_SCHEMA)
-            version = await tx.meta("schema_version")
-            if version is None:
-                await tx.set_meta("schema_version", SCHEMA_VERSION)
-            elif version > SCHEMA_VERSION:
-                raise BackendUnavailable(
-                    f"SQLite store at {self.path} has schema version {version}; this server knows {SCHEMA_VERSION}"
-                )
+        self._worker = worker
+        try:
+            version = await self._write(_create_schema)
+        except BaseException:
+            await self.close()
+            raise
+        if version > SCHEMA_VERSION:
+            await self.close()
+            raise BackendUnavailable(
+                f"SQLite store at {self.path} has schema version {version}; this server knows {SCHEMA_VERSION}"
+            )
 
     async def close(self) -> None:
-        if self._db is not None:
-            async with self._lock:
-                await self._db.close()
-                self._db = None
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            await worker.close()
 
     async def ping(self) -> None:
         try:
-            await self._fetchone("SELECT 1")
-        except (sqlite3.Error, ValueError, RuntimeError) as exc:
+            await self._read(lambda db: db.execute("SELECT 1").fetchall())
+        except sqlite3.Error as exc:
             raise BackendUnavailable(f"SQLite store at {self.path}: {exc}") from exc
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _conn(self) -> aiosqlite.Connection:
-        if self._db is None:
+    def _running(self) -> SqliteWorker:
+        if self._worker is None:
             raise BackendUnavailable(f"SQLite store at {self.path} is not started")
-        return self._db
+        return self._worker
 
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[_Tx]:
-        async with self._lock:
-            db = self._conn()
-            await _run_to_end(db.execute("BEGIN IMMEDIATE"))
-            try:
-                yield _Tx(db)
-                await _run_to_end(db.execute("COMMIT"))
-            except BaseException:
-                with suppress(sqlite3.Error):  # "no transaction is active" after a failed COMMIT
-                    await _run_to_end(db.execute("ROLLBACK"))
-                raise
+    async def _read(self, fn: Work[T]) -> T:
+        worker = self._running()
+        self.round_trips += 1
+        return await worker.read(fn)
 
-    async def _fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self._lock:
-            async with self._conn().execute(sql, tuple(params)) as cur:
-                return list(await cur.fetchall())
+    async def _write(self, fn: Work[T]) -> T:
+        """Run `fn` in a write transaction (BEGIN IMMEDIATE ... COMMIT): all of it or nothing."""
+        worker = self._running()
+        self.round_trips += 1
+        return await worker.write(fn)
 
-    async def _fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        rows = await self._fetchall(sql, params)
-        return rows[0] if rows else None
+    async def _fetchall(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        return await self._read(lambda db: db.execute(sql, params).fetchall())
+
+    async def _fetchone(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        return await self._read(lambda db: db.execute(sql, params).fetchone())
 
     # -- API keys ---------------------------------------------------------------------------------
     async def put_api_key(self, rec: ApiKeyRecord) -> None:
-        async with self._write() as tx:
-            await tx.execute(
+        await self._write(
+            _statement(
                 "INSERT INTO api_keys (id, token_hash, owner, doc) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET token_hash=excluded.token_hash, owner=excluded.owner, doc=excluded.doc",
                 (rec.id, rec.token_hash, rec.owner, _doc(rec)),
             )
+        )
 
     async def get_api_key_by_hash(self, token_hash: str) -> ApiKeyRecord | None:
         row = await self._fetchone("SELECT doc FROM api_keys WHERE token_hash = ?", (token_hash,))
@@ -184,34 +181,27 @@ class SqliteStore:
         return [from_json(r[0], ApiKeyRecord) for r in rows]
 
     async def revoke_api_key(self, key_id: str, at: float) -> ApiKeyRecord | None:
-        return await self._revoke("api_keys", ApiKeyRecord, key_id, at)
-
-    async def _revoke(self, table: str, cls: type[R], key: str, at: float) -> R | None:
-        """Set revoked_at once; a second revoke keeps the first time."""
-        async with self._write() as tx:
-            rec = await tx.load(table, key, cls)
-            if rec is None or rec.revoked_at is not None:
-                return rec  # type: ignore[no-any-return]
-            rec = apply_changes(rec, {"revoked_at": at})
-            await tx.execute(f"UPDATE {table} SET doc = ? WHERE id = ?", (_doc(rec), key))
-            return rec  # type: ignore[no-any-return]
+        return await self._write(lambda db: _revoke(db, "api_keys", ApiKeyRecord, key_id, at))
 
     async def touch_api_key(self, key_id: str, at: float) -> None:
-        async with self._write() as tx:
-            rec = await tx.load("api_keys", key_id, ApiKeyRecord)
+        def touch(db: sqlite3.Connection) -> None:
+            rec = _load(db, "api_keys", key_id, ApiKeyRecord)
             if rec is None or (rec.last_used_at is not None and rec.last_used_at >= at):
                 return
             rec = apply_changes(rec, {"last_used_at": at})
-            await tx.execute("UPDATE api_keys SET doc = ? WHERE id = ?", (_doc(rec), key_id))
+            db.execute("UPDATE api_keys SET doc = ? WHERE id = ?", (_doc(rec), key_id))
+
+        await self._write(touch)
 
     # -- agents -----------------------------------------------------------------------------------
     async def put_agent(self, rec: AgentRecord) -> None:
-        async with self._write() as tx:
-            await tx.execute(
+        await self._write(
+            _statement(
                 "INSERT INTO agents (id, token_hash, doc) VALUES (?, ?, ?) "
                 "ON CONFLICT(id) DO UPDATE SET token_hash=excluded.token_hash, doc=excluded.doc",
                 (rec.id, rec.token_hash, _doc(rec)),
             )
+        )
 
     async def get_agent(self, agent_id: str) -> AgentRecord | None:
         row = await self._fetchone("SELECT doc FROM agents WHERE id = ?", (agent_id,))
@@ -228,30 +218,48 @@ class SqliteStore:
     async def update_agent(self, agent_id: str, changes: Mapping[str, Any]) -> AgentRecord | None:
         if "id" in changes:
             raise ValueError("an agent's id cannot change")
-        async with self._write() as tx:
-            rec = await tx.load("agents", agent_id, AgentRecord)
+
+        def update(db: sqlite3.Connection) -> AgentRecord | None:
+            rec = _load(db, "agents", agent_id, AgentRecord)
             if rec is None:
                 return None
             rec = apply_changes(rec, changes)
-            await tx.execute(
-                "UPDATE agents SET token_hash = ?, doc = ? WHERE id = ?", (rec.token_hash, _doc(rec), agent_id)
-            )
+            db.execute("UPDATE agents SET token_hash = ?, doc = ? WHERE id = ?", (rec.token_hash, _doc(rec), agent_id))
             return rec
 
+        return await self._write(update)
+
     async def revoke_agent(self, agent_id: str, at: float) -> AgentRecord | None:
-        return await self._revoke("agents", AgentRecord, agent_id, at)
+        return await self._write(lambda db: _revoke(db, "agents", AgentRecord, agent_id, at))
 
     # -- jobs -------------------------------------------------------------------------------------
     async def create_job(self, rec: JobRecord) -> None:
         try:
-            async with self._write() as tx:
-                await tx.execute(f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)", _job_row(rec))
+            await self._write(_statement(_INSERT_JOB, _job_row(rec)))
         except sqlite3.IntegrityError as exc:
             raise ValueError(f"job {rec.id!r} already exists") from exc
+
+    async def create_jobs(self, recs: Collection[JobRecord]) -> None:
+        rows = [_job_row(rec) for rec in recs]
+        if not rows:
+            return
+        try:
+            await self._write(_statement(_INSERT_JOB, *rows))
+        except sqlite3.IntegrityError as exc:
+            raise ValueError(f"a job of the batch already exists: {exc}") from exc
 
     async def get_job(self, job_id: str) -> JobRecord | None:
         row = await self._fetchone("SELECT doc FROM jobs WHERE id = ?", (job_id,))
         return from_json(row[0], JobRecord) if row else None
+
+    async def get_jobs(self, job_ids: Collection[str]) -> dict[str, JobRecord]:
+        if not job_ids:
+            return {}
+        # One parameter (a JSON array) whatever the number of ids: no SQLITE_MAX_VARIABLE_NUMBER.
+        ids = json.dumps(list(job_ids))
+        rows = await self._fetchall("SELECT doc FROM jobs WHERE id IN (SELECT value FROM json_each(?))", (ids,))
+        recs = (from_json(r[0], JobRecord) for r in rows)
+        return {rec.id: rec for rec in recs}
 
     async def list_jobs(
         self,
@@ -284,7 +292,7 @@ class SqliteStore:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(max(0, limit))
-        rows = await self._fetchall(sql, params)
+        rows = await self._fetchall(sql, tuple(params))
         return [from_json(r[0], JobRecord) for r in rows]
 
     async def update_job(
@@ -293,29 +301,34 @@ class SqliteStore:
         *,
         expect_states: Collection[str],
         expect_attempt: int | None = None,
+        expect_agent: str | None = None,
         fence_epoch: int | None = None,
         changes: Mapping[str, Any],
+        increments: Mapping[str, int] | None = None,
     ) -> JobRecord | None:
         changes = job_changes(changes, fence_epoch)
-        async with self._write() as tx:
-            if fence_epoch is not None and fence_epoch < (await tx.meta("fence_epoch") or 0):
+        check_increments(JobRecord, increments)
+
+        def update(db: sqlite3.Connection) -> JobRecord | None:
+            # Recording our epoch before the compare is harmless when the compare then fails: the
+            # epoch is a leader's that exists, and the fence only ever goes up.
+            if fence_epoch is not None and _raise_meta(db, "fence_epoch", fence_epoch) > fence_epoch:
                 return None
-            rec = await tx.load("jobs", job_id, JobRecord)
-            if rec is None or not matches(rec, expect_states, expect_attempt):
+            rec = _load(db, "jobs", job_id, JobRecord)
+            if rec is None or not matches(rec, expect_states, expect_attempt, expect_agent):
                 return None
-            rec = apply_changes(rec, changes)
-            await tx.execute(
+            rec = apply_changes(rec, changes, increments)
+            db.execute(
                 "UPDATE jobs SET owner = ?, state = ?, agent_id = ?, lease_expires_at = ?, deadline = ?, doc = ? "
                 "WHERE id = ?",
                 (*_job_row(rec)[1:], job_id),
             )
-            if fence_epoch is not None:
-                await tx.max_meta("fence_epoch", fence_epoch)
             return rec
 
+        return await self._write(update)
+
     async def advance_fence(self, epoch: int) -> int:
-        async with self._write() as tx:
-            return await tx.max_meta("fence_epoch", epoch)
+        return await self._write(lambda db: _raise_meta(db, "fence_epoch", epoch))
 
     async def jobs_with_expired_leases(self, now: float, limit: int = 100) -> list[JobRecord]:
         rows = await self._fetchall(
@@ -345,66 +358,56 @@ class SqliteStore:
         return {r[0]: r[1] for r in rows}
 
     async def renew_leases(self, agent_id: str, jobs: Collection[tuple[str, int]], until: float) -> list[str]:
-        renewed: list[str] = []
         if not jobs:
-            return renewed
-        async with self._write() as tx:
+            return []
+
+        def renew(db: sqlite3.Connection) -> list[str]:
+            renewed: list[str] = []
             for job_id, attempt in jobs:
-                rec = await tx.load("jobs", job_id, JobRecord)
-                if rec is None or rec.agent_id != agent_id or not matches(rec, LEASED_STATES, attempt):
+                rec = _load(db, "jobs", job_id, JobRecord)
+                if rec is None or not matches(rec, LEASED_STATES, attempt, agent_id):
                     continue
                 if rec.lease_expires_at is None or rec.lease_expires_at < until:
                     rec = apply_changes(rec, {"lease_expires_at": until})
-                    await tx.execute(
+                    db.execute(
                         "UPDATE jobs SET lease_expires_at = ?, doc = ? WHERE id = ?",
                         (rec.lease_expires_at, _doc(rec), job_id),
                     )
                 renewed.append(job_id)
-        return renewed
+            return renewed
+
+        return await self._write(renew)
 
     # -- logs -------------------------------------------------------------------------------------
     async def append_log(
         self, job_id: str, attempt: int, seq: int, stream: str, data: bytes, ts: float, cap_bytes: int = 0
     ) -> AppendResult:
-        async with self._write() as tx:
-            if await tx.fetchone("SELECT 1 FROM jobs WHERE id = ?", (job_id,)) is None:
+        data = bytes(data)
+
+        def append(db: sqlite3.Connection) -> AppendResult:
+            exists, max_seq, max_offset = db.execute(
+                "SELECT (SELECT 1 FROM jobs WHERE id = ?), "
+                "(SELECT MAX(seq) FROM logs WHERE job_id = ? AND attempt = ?), "
+                '(SELECT MAX("offset") FROM logs WHERE job_id = ?)',
+                (job_id, job_id, attempt, job_id),
+            ).fetchone()
+            if exists is None:
                 return AppendResult(entry=None, acked_seq=-1)
-            acked = await tx.acked_seq(job_id, attempt)
+            acked = -1 if max_seq is None else int(max_seq)
             if seq != acked + 1:
                 return AppendResult(entry=None, acked_seq=acked)
-            row = await tx.fetchone('SELECT MAX("offset") FROM logs WHERE job_id = ?', (job_id,))
-            offset = 0 if row is None or row[0] is None else row[0] + 1
-            entry = LogEntry(
-                job_id=job_id, offset=offset, attempt=attempt, seq=seq, stream=cast(Stream, stream), data=bytes(data), ts=ts
-            )
-            await tx.execute(
+            offset = 0 if max_offset is None else int(max_offset) + 1
+            db.execute(
                 'INSERT INTO logs (job_id, "offset", attempt, seq, stream, data, ts) VALUES (?, ?, ?, ?, ?, ?, ?)',
-                (job_id, offset, attempt, seq, stream, entry.data, ts),
+                (job_id, offset, attempt, seq, stream, data, ts),
             )
-            await self._apply_log_cap(tx, job_id, offset, len(entry.data), cap_bytes)
+            _apply_log_cap(db, job_id, offset, len(data), cap_bytes)
+            entry = LogEntry(
+                job_id=job_id, offset=offset, attempt=attempt, seq=seq, stream=cast(Stream, stream), data=data, ts=ts
+            )
             return AppendResult(entry=entry, acked_seq=seq)
 
-    async def _apply_log_cap(self, tx: _Tx, job_id: str, offset: int, size: int, cap: int) -> None:
-        row = await tx.fetchone("SELECT stats FROM log_stats WHERE job_id = ?", (job_id,))
-        stats = logcap.account(msgspec.json.decode(row[0], type=logcap.LogStats) if row else logcap.LogStats(), offset, size, cap)
-        need = logcap.excess(stats, cap)
-        while need > 0 and stats.head_end is not None:
-            rows = await tx.fetchall(
-                'SELECT "offset", length(data) FROM logs WHERE job_id = ? AND "offset" > ? ORDER BY "offset" LIMIT 256',
-                (job_id, stats.head_end),
-            )
-            drops = logcap.choose_drops([(r[0], r[1]) for r in rows], need, offset)
-            if not drops:
-                break
-            await tx.execute(
-                'DELETE FROM logs WHERE job_id = ? AND "offset" >= ? AND "offset" <= ?', (job_id, drops[0][0], drops[-1][0])
-            )
-            stats = logcap.dropped(stats, drops)
-            need = logcap.excess(stats, cap)
-        await tx.execute(
-            "INSERT INTO log_stats (job_id, stats) VALUES (?, ?) ON CONFLICT (job_id) DO UPDATE SET stats = excluded.stats",
-            (job_id, msgspec.json.encode(stats).decode()),
-        )
+        return await self._write(append)
 
     async def log_dropped_bytes(self, job_id: str) -> int:
         row = await self._fetchone("SELECT stats FROM log_stats WHERE job_id = ?", (job_id,))
@@ -430,68 +433,75 @@ class SqliteStore:
         return 0 if row is None or row[0] is None else int(row[0]) + 1
 
 
-async def _run_to_end(aw: Awaitable[Any]) -> None:
-    """Await a statement to completion even if we are cancelled meanwhile, then re-raise the
-    cancel: a BEGIN or COMMIT still runs on aiosqlite's thread after its awaiter is cancelled,
-    and the lock must not be released while the connection is in an unknown state."""
-    task = asyncio.ensure_future(aw)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done() and task.cancelled():
-                raise
-            cancelled = True
-    task.result()
-    if cancelled:
-        raise asyncio.CancelledError
+# -- on the database thread, inside a write transaction ---------------------------------------------
+def _statement(sql: str, *rows: tuple[Any, ...]) -> Work[None]:
+    """The work of running one statement, once per row of parameters."""
+
+    def run(db: sqlite3.Connection) -> None:
+        db.executemany(sql, rows)
+
+    return run
 
 
-class _Tx:
-    """Statements inside one open IMMEDIATE transaction (the store's lock is held)."""
+def _create_schema(db: sqlite3.Connection) -> int:
+    """Create what is missing; the schema version found (or written)."""
+    # executescript() would COMMIT first; run the statements one by one instead.
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    version = _meta(db, "schema_version")
+    if version is None:
+        db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
+        return SCHEMA_VERSION
+    return version
 
-    def __init__(self, db: aiosqlite.Connection) -> None:
-        self._db = db
 
-    async def execute(self, sql: str, params: Iterable[Any] = ()) -> None:
-        await self._db.execute(sql, tuple(params))
+def _load(db: sqlite3.Connection, table: str, key: str, cls: type[T]) -> T | None:
+    row = db.execute(f"SELECT doc FROM {table} WHERE id = ?", (key,)).fetchone()
+    return from_json(row[0], cls) if row else None  # type: ignore[type-var]
 
-    async def executescript_in_tx(self, script: str) -> None:
-        # executescript() would COMMIT first; run the statements one by one instead.
-        for statement in script.split(";"):
-            if statement.strip():
-                await self._db.execute(statement)
 
-    async def fetchone(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Row | None:
-        async with self._db.execute(sql, tuple(params)) as cur:
-            return await cur.fetchone()
+def _meta(db: sqlite3.Connection, key: str) -> int | None:
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else int(row[0])
 
-    async def fetchall(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        async with self._db.execute(sql, tuple(params)) as cur:
-            return list(await cur.fetchall())
 
-    async def load(self, table: str, key: str, cls: type[Any]) -> Any:
-        row = await self.fetchone(f"SELECT doc FROM {table} WHERE id = ?", (key,))
-        return from_json(row[0], cls) if row else None
+def _raise_meta(db: sqlite3.Connection, key: str, value: int) -> int:
+    """Make the counter at least `value` in one statement; its value after."""
+    (current,) = db.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value) RETURNING value",
+        (key, value),
+    ).fetchall()[0]
+    return int(current)
 
-    async def meta(self, key: str) -> int | None:
-        row = await self.fetchone("SELECT value FROM meta WHERE key = ?", (key,))
-        return None if row is None else int(row[0])
 
-    async def set_meta(self, key: str, value: int) -> None:
-        await self.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            (key, value),
-        )
+def _revoke(db: sqlite3.Connection, table: str, cls: type[R], key: str, at: float) -> R | None:
+    """Set revoked_at once; a second revoke keeps the first time."""
+    rec = _load(db, table, key, cls)
+    if rec is None or rec.revoked_at is not None:
+        return rec
+    rec = apply_changes(rec, {"revoked_at": at})
+    db.execute(f"UPDATE {table} SET doc = ? WHERE id = ?", (_doc(rec), key))
+    return rec
 
-    async def max_meta(self, key: str, value: int) -> int:
-        current = await self.meta(key)
-        if current is None or value > current:
-            await self.set_meta(key, value)
-            return value
-        return current
 
-    async def acked_seq(self, job_id: str, attempt: int) -> int:
-        row = await self.fetchone("SELECT MAX(seq) FROM logs WHERE job_id = ? AND attempt = ?", (job_id, attempt))
-        return -1 if row is None or row[0] is None else int(row[0])
+def _apply_log_cap(db: sqlite3.Connection, job_id: str, offset: int, size: int, cap: int) -> None:
+    row = db.execute("SELECT stats FROM log_stats WHERE job_id = ?", (job_id,)).fetchone()
+    stats = logcap.account(msgspec.json.decode(row[0], type=logcap.LogStats) if row else logcap.LogStats(), offset, size, cap)
+    need = logcap.excess(stats, cap)
+    while need > 0 and stats.head_end is not None:
+        rows = db.execute(
+            'SELECT "offset", length(data) FROM logs WHERE job_id = ? AND "offset" > ? ORDER BY "offset" LIMIT 256',
+            (job_id, stats.head_end),
+        ).fetchall()
+        drops = logcap.choose_drops([(r[0], r[1]) for r in rows], need, offset)
+        if not drops:
+            break
+        db.execute('DELETE FROM logs WHERE job_id = ? AND "offset" >= ? AND "offset" <= ?', (job_id, drops[0][0], drops[-1][0]))
+        stats = logcap.dropped(stats, drops)
+        need = logcap.excess(stats, cap)
+    db.execute(
+        "INSERT INTO log_stats (job_id, stats) VALUES (?, ?) ON CONFLICT (job_id) DO UPDATE SET stats = excluded.stats",
+        (job_id, msgspec.json.encode(stats).decode()),
+    )

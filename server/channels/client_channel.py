@@ -11,22 +11,26 @@ a socket that falls behind is closed with 4008 and resumes by offset.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import logging
+from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import msgspec
-from starlette.websockets import WebSocket
+from starlette.types import Message, Receive, Send
+from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from yardmaster.protocol import messages as m
-from yardmaster.protocol.codec import DecodeError, client_server_codec
+from yardmaster.protocol.codec import Codec, DecodeError, client_server_codec
 from yardmaster.protocol.feed import Action, Deliver, FetchHistory, JobFeed, Skipped
 from yardmaster.protocol.close_codes import CloseCode
 from yardmaster.server.backends.base import BackendUnavailable
-from yardmaster.server.channels.common import deny, run_socket, serve_counted
+from yardmaster.server.channels.common import SEND_FLUSH_S, deny, start_eagerly
 from yardmaster.server.backends.keys import ALL_JOBS_CHANNEL, job_channel, owner_channel
 from yardmaster.server.core.events import EventHeader, log_message, state_message
+from yardmaster.server.observability.middleware import WEBSOCKET_HANDOFF
 from yardmaster.server.runtime import Runtime
 from yardmaster.server.security.principals import Principal, bearer_token, principal_for_api_key
 
@@ -84,117 +88,226 @@ async def authenticate_client(rt: Runtime, websocket: WebSocket) -> Principal | 
     return principal
 
 
-@dataclass(slots=True)
-class _JobSubscription:
-    """One job topic of one socket; its offset bookkeeping is a pure JobFeed of encoded `log`s."""
+@dataclass(slots=True, eq=False)
+class _Subscription:
+    """One topic of one socket, and its listener on the TopicHub."""
+
+    conn: ClientConnection
+    topic: str
+    broker_topic: str
+
+    def __call__(self, header: EventHeader, text: str) -> int:
+        return self.conn._enqueue_counted(text)
+
+
+@dataclass(slots=True, eq=False)
+class _JobSubscription(_Subscription):
+    """A `job:<id>` topic; its offset bookkeeping is a pure JobFeed of encoded `log`s."""
 
     job_id: str
-    feed: JobFeed[bytes]
+    feed: JobFeed[str]
+
+    def __call__(self, header: EventHeader, text: str) -> int:
+        if header.type == "log" and header.offset is not None:
+            return self.conn._apply(self, self.feed.live(header.offset, text, len(text)))
+        return self.conn._enqueue_counted(text)
+
+
+@functools.lru_cache(maxsize=4)
+def _codec(max_bytes: int) -> Codec[m.ClientToServer]:
+    return client_server_codec(max_bytes)  # stateless: one for all sockets (3 KiB each otherwise)
+
+
+_TOO_SLOW = "too slow: resume from your last offset"
 
 
 class ClientConnection:
-    def __init__(self, rt: Runtime, websocket: WebSocket, principal: Principal) -> None:
+    """One client socket.
+
+    A frame goes to the socket at once (`_send_now`): an ASGI send to a socket that can take it
+    completes without waiting, so fan-out needs no task per socket. Only when the socket has to
+    wait (its transport is over the high-water mark) does a sender task exist, which sends, in
+    order, what piled up in `_pending` meanwhile; `_buffered` counts those bytes against the
+    socket's limit (4008 past it). An idle socket has no task of its own besides the one serving
+    it, and no asyncio primitive that it does not use.
+    """
+
+    __slots__ = (
+        "rt", "principal", "_send", "_limit", "_buffered", "_pending", "_sender", "_room", "_subscriptions",
+        "_close_code", "_close_reason", "_close_sent", "_stop", "_errors", "_lock", "_catch_ups",
+    )
+
+    def __init__(self, rt: Runtime, principal: Principal) -> None:
         self.rt = rt
-        self.websocket = websocket
         self.principal = principal
-        self.codec = client_server_codec(rt.settings.max_client_message_bytes)
+        self._send: Send | None = None  # the ASGI send, once the socket is accepted
         self._limit = rt.settings.viewer_buffer_bytes
-        self._buffered = 0
-        self._outbox: asyncio.Queue[str | None] = asyncio.Queue()
-        self._listeners: dict[str, object] = {}
-        self._feeds: dict[str, _JobSubscription] = {}
-        self._closed = asyncio.Event()
-        self._close_code: int = CloseCode.NORMAL
+        self._buffered = 0  # bytes in `_pending` and in the send under way, if it waits
+        self._pending: deque[str] | None = None  # frames waiting while a sender task exists
+        self._sender: asyncio.Task[None] | None = None
+        self._room: asyncio.Future[None] | None = None  # history waits here for room in the buffer
+        self._subscriptions: dict[str, _Subscription] = {}
+        self._close_code: int | None = None  # set once: the socket is closing, nothing more is sent
         self._close_reason = ""
-        self._lock = asyncio.Lock()  # one catch-up at a time per socket
-        self._drained = asyncio.Event()
-        self._catch_ups: set[asyncio.Task[None]] = set()  # held here: the loop keeps only weak refs
+        self._close_sent = False
+        self._stop: asyncio.Timeout | None = None  # the receive loop's cancel scope (see `run`)
+        self._errors = 0  # invalid messages so far
+        self._lock: asyncio.Lock | None = None  # one catch-up at a time; made when first needed
+        self._catch_ups: set[asyncio.Task[None]] | None = None  # held here: the loop keeps only weak refs
 
     # ---- sending -------------------------------------------------------------------------------
 
-    def _enqueue(self, text: str, kind: str) -> None:
-        if self._closed.is_set():
-            return
+    def _enqueue(self, text: str) -> bool:
+        """Send one frame, or queue it behind a waiting send; False if it was not taken."""
+        if self._close_code is not None:
+            return False
         size = len(text)
         if self._buffered + size > self._limit:
             self.rt.metrics.slow_consumers.inc()
-            self.close(CloseCode.TOO_SLOW, "too slow: resume from your last offset")
-            return
-        self._buffered += size
-        self._outbox.put_nowait(text)
-        self.rt.metrics.messages.labels("client", "out", kind).inc()
+            self.close(CloseCode.TOO_SLOW, _TOO_SLOW)
+            return False
+        if self._sender is None and self._send is not None:
+            self._send_now({"type": "websocket.send", "text": text}, size)
+        else:
+            if self._pending is None:
+                self._pending = deque()  # made when needed: an empty deque is ~600 bytes
+            self._pending.append(text)
+            self._buffered += size
+        return True
 
     def send(self, msg: msgspec.Struct) -> None:
-        self._enqueue(_json.encode(msg).decode(), m.tag_of(msg))
+        if self._enqueue(_json.encode(msg).decode()):
+            self.rt.metrics.client_messages_out(m.tag_of(msg))
+
+    def _send_now(self, message: Message, size: int) -> None:
+        """Hand `message` to the socket; if the socket makes it wait, a sender task finishes it and
+        then sends whatever was queued meanwhile."""
+        assert self._send is not None
+        try:
+            rest = start_eagerly(self._send(message))
+        except Exception as exc:
+            self._send_failed(exc)
+            return
+        if rest is not None:
+            self._buffered += size
+            self._sender = asyncio.create_task(self._send_rest(rest, size))
+
+    async def _send_rest(self, rest: Awaitable[None], size: int) -> None:
+        assert self._send is not None
+        try:
+            await rest
+            self._sent(size)
+            while self._pending:
+                text = self._pending.popleft()
+                await self._send({"type": "websocket.send", "text": text})
+                self._sent(len(text))
+        except Exception as exc:
+            self._send_failed(exc)
+        except asyncio.CancelledError:  # flushing took too long (see `_finish`): no close frame
+            self._close_sent = True
+            raise
+        finally:
+            self._sender = None
+            self._pending = None
+            self._wake_history()
+        if self._close_code is not None and not self._close_sent:
+            self._send_close()  # closed meanwhile: the close frame goes after what was queued
+
+    def _sent(self, size: int) -> None:
+        self._buffered -= size
+        if self._buffered <= self._limit // 2:
+            self._wake_history()
+
+    def _send_failed(self, exc: Exception) -> None:
+        self._pending = None
+        self._buffered = 0
+        if isinstance(exc, (OSError, WebSocketDisconnect)):  # the peer is gone (uvicorn's ClientDisconnected)
+            self._close_sent = True
+            self.close(CloseCode.GOING_AWAY, "")
+        elif not self._close_sent:
+            log.error("unexpected error on a WebSocket; closing it with 1011", exc_info=exc)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
 
     def close(self, code: int, reason: str) -> None:
-        if not self._closed.is_set():
-            self._close_code, self._close_reason = code, reason
-            self._closed.set()
-            self._outbox.put_nowait(None)
+        """Close the socket after what is queued (at once if nothing is) and stop serving it."""
+        if self._close_code is not None:
+            return
+        self._close_code, self._close_reason = code, reason
+        self._wake_history()
+        if self._sender is None and self._send is not None and not self._close_sent:
+            self._send_close()
+        stop = self._stop
+        if stop is not None and not stop.expired():
+            stop.reschedule(0)  # a time in the past: the receive loop is cancelled right away
 
-    async def _sender(self) -> None:
-        while True:
-            text = await self._outbox.get()
-            if text is None:
-                break
-            await self.websocket.send_text(text)
-            self._buffered -= len(text)
-            self._drained.set()
-        with contextlib.suppress(Exception):
-            await self.websocket.close(self._close_code, self._close_reason)
+    def _send_close(self) -> None:
+        self._close_sent = True
+        self._send_now({"type": "websocket.close", "code": self._close_code, "reason": self._close_reason}, 0)
+
+    def _wake_history(self) -> None:
+        room, self._room = self._room, None
+        if room is not None and not room.done():
+            room.set_result(None)
 
     async def _room_for_history(self) -> None:
         """History is paced by the socket, so replaying a long log never trips the slow-consumer
         limit; only live traffic that the client cannot keep up with does."""
-        while self._buffered > self._limit // 2 and not self._closed.is_set():
-            self._drained.clear()
-            await self._drained.wait()
+        while self._buffered > self._limit // 2 and self._close_code is None:
+            if self._room is None or self._room.done():  # done: cancelled with a catch-up before
+                self._room = asyncio.get_running_loop().create_future()
+            await self._room
 
     # ---- live events -----------------------------------------------------------------------------
 
-    def _on_event(self, topic: str, header: EventHeader, data: bytes) -> None:
-        sub = self._feeds.get(topic)
-        if sub is not None and header.type == "log" and header.offset is not None:
-            self._apply(sub, sub.feed.live(header.offset, data, len(data)))
-            return
-        self._enqueue(data.decode(), header.type)
+    def _enqueue_counted(self, text: str) -> int:
+        return 1 if self._enqueue(text) else 0
 
-    def _apply(self, sub: _JobSubscription, actions: list[Action[bytes]]) -> None:
-        """Carry out what the feed says, for live events (never waits)."""
+    def _apply(self, sub: _JobSubscription, actions: list[Action[str]]) -> int:
+        """Carry out what the feed says, for live events (never waits); how many `log`s were sent."""
+        sent = 0
         for action in actions:
             if isinstance(action, Deliver):
-                self._enqueue(action.item.decode(), "log")
+                sent += self._enqueue(action.item)
             elif isinstance(action, Skipped):
                 self.send(m.Truncated(job_id=sub.job_id, offset=action.offset))
             elif isinstance(action, FetchHistory):
                 # A live event went missing (broker hiccup): fill the hole from the Store.
                 task = asyncio.create_task(self._catch_up(sub, action.from_offset))
+                if self._catch_ups is None:
+                    self._catch_ups = set()
                 self._catch_ups.add(task)
                 task.add_done_callback(self._catch_ups.discard)
             else:
                 self.rt.metrics.slow_consumers.inc()
-                self.close(CloseCode.TOO_SLOW, "too slow: resume from your last offset")
+                self.close(CloseCode.TOO_SLOW, _TOO_SLOW)
+        return sent
 
     async def _catch_up(self, sub: _JobSubscription, from_offset: int) -> None:
         """Send stored entries from `from_offset` on, paced by the socket, then what the feed held."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
         try:
             async with self._lock:
                 fetch: int | None = from_offset
                 while fetch is not None:
                     entries = (await self.rt.jobs.logs(sub.job_id, fetch, HISTORY_PAGE)).entries
-                    page = ((e.offset, _json.encode(log_message(e))) for e in entries)
+                    page = ((e.offset, _json.encode(log_message(e)).decode()) for e in entries)
                     fetch = None
+                    sent = 0
                     for action in sub.feed.history(page, complete=len(entries) < HISTORY_PAGE):
                         if isinstance(action, Deliver):
                             await self._room_for_history()
-                            self._enqueue(action.item.decode(), "log")
+                            sent += self._enqueue(action.item)
                         elif isinstance(action, Skipped):
                             # The log cap dropped what lies between: say so, then go on.
                             self.send(m.Truncated(job_id=sub.job_id, offset=action.offset))
                         elif isinstance(action, FetchHistory):
                             fetch = action.from_offset
-                self._apply(sub, sub.feed.release())
+                    if sent:
+                        self.rt.metrics.client_messages_out("log", sent)
+                sent = self._apply(sub, sub.feed.release())
+                if sent:
+                    self.rt.metrics.client_messages_out("log", sent)
         except BackendUnavailable:
             self.close(CloseCode.INTERNAL_ERROR, "state temporarily unavailable: resume from your last offset")
 
@@ -202,12 +315,12 @@ class ClientConnection:
 
     async def _subscribe(self, msg: m.Subscribe) -> None:
         topic = msg.topic
-        if topic in self._listeners:
+        if topic in self._subscriptions:
             self.send(m.Error(code=m.ERR_BAD_TOPIC, message=f"already subscribed to {topic}"))
             return
         if topic == "jobs":
             broker_topic = ALL_JOBS_CHANNEL if self.principal.is_admin else owner_channel(self.principal.id)
-            await self._listen(topic, broker_topic)
+            await self._listen(_Subscription(self, topic, broker_topic))
             self.send(m.Subscribed(topic=topic))
             return
         if not topic.startswith("job:"):
@@ -220,10 +333,9 @@ class ClientConnection:
             self.send(m.Error(code=m.ERR_UNKNOWN_JOB, message="no such job", job_id=job_id))
             return
         start = max(0, msg.from_offset) if msg.from_offset is not None else None
-        sub = _JobSubscription(job_id, JobFeed(next_offset=start, hold_limit_bytes=self._limit))
-        self._feeds[topic] = sub
+        sub = _JobSubscription(self, topic, job_channel(job_id), job_id, JobFeed(next_offset=start, hold_limit_bytes=self._limit))
         first = sub.feed.start()  # before listening: live events are held until history is sent
-        await self._listen(topic, job_channel(job_id))
+        await self._listen(sub)
         next_offset = await self.rt.jobs.next_log_offset(job_id)
         sub.feed.begin_at(next_offset)
         self.send(m.Subscribed(topic=topic, next_offset=next_offset))
@@ -234,67 +346,95 @@ class ClientConnection:
         if latest is not None:
             self.send(state_message(latest))
 
-    async def _listen(self, topic: str, broker_topic: str) -> None:
-        def listener(header: EventHeader, data: bytes) -> None:
-            self._on_event(topic, header, data)
-
-        self._listeners[topic] = (broker_topic, listener)
-        await self.rt.topics.add(broker_topic, listener)
+    async def _listen(self, sub: _Subscription) -> None:
+        self._subscriptions[sub.topic] = sub
+        await self.rt.topics.add(sub.broker_topic, sub)
 
     async def _unsubscribe(self, topic: str) -> None:
-        entry = self._listeners.pop(topic, None)
-        self._feeds.pop(topic, None)
-        if entry is not None:
-            broker_topic, listener = entry  # type: ignore[misc]
-            await self.rt.topics.remove(broker_topic, listener)
+        sub = self._subscriptions.pop(topic, None)
+        if sub is not None:
+            await self.rt.topics.remove(sub.broker_topic, sub)
 
-    async def run(self) -> None:
-        async def finish() -> None:
-            for task in list(self._catch_ups):
-                task.cancel()
-            for topic in list(self._listeners):
-                await self._unsubscribe(topic)
-            self.close(self._close_code, self._close_reason)
-
-        async def fail(code: int, reason: str) -> None:
-            self.close(code, reason)
-
-        await run_socket(self._serve(), self._sender(), self._closed, finish, fail)
-
-    async def _serve(self) -> None:
-        errors = 0
-        while True:
-            message = await self.websocket.receive()
-            if message["type"] == "websocket.disconnect":
+    async def run(self, receive: Receive, send: Send) -> None:
+        """Serve the accepted socket until the peer goes or we close it, then clean up."""
+        self._send = send
+        gauge = self.rt.metrics.websockets_open.labels("client")
+        gauge.inc()
+        try:
+            if self._close_code is not None:  # closed (its key revoked) during the handshake
+                self._send_close()
                 return
-            frame = message.get("text")
-            if frame is None:
-                frame = message.get("bytes") or b""
+            # A cancel scope instead of a task that only waits for `close`: `close` expires it,
+            # which cancels the receive loop wherever it waits.
             try:
-                msg = self.codec.decode(frame)
-            except DecodeError as exc:
-                self.rt.metrics.messages.labels("client", "in", "invalid").inc()
-                if exc.code == m.ERR_TOO_BIG:
-                    self.close(CloseCode.TOO_BIG, "message too big")
-                    return
-                errors += 1
-                if errors > 20:
-                    self.close(CloseCode.PROTOCOL_ERROR, "too many invalid messages")
-                    return
-                self.send(exc.to_error())
-                continue
-            self.rt.metrics.messages.labels("client", "in", m.tag_of(msg)).inc()
+                async with asyncio.timeout(None) as stop:
+                    self._stop = stop
+                    # Each message is handled in a call of its own: nothing of it stays referenced
+                    # while the socket waits for the next one (a few hundred bytes per idle socket).
+                    while await self._handle(await receive()):
+                        pass
+            except TimeoutError:
+                if not stop.expired():  # not ours
+                    raise
+            finally:
+                self._stop = None
+        except Exception as exc:
+            log.error("unexpected error on a WebSocket; closing it with 1011", exc_info=exc)
+            self.close(CloseCode.INTERNAL_ERROR, "internal error")
+        finally:
             try:
-                if isinstance(msg, m.Subscribe):
-                    await self._subscribe(msg)
-                elif isinstance(msg, m.Unsubscribe):
-                    await self._unsubscribe(msg.topic)
-                    self.send(m.Unsubscribed(topic=msg.topic))
-                elif isinstance(msg, m.Ping):
-                    self.send(m.Pong(id=msg.id))
-            except BackendUnavailable:
-                self.close(CloseCode.INTERNAL_ERROR, "state temporarily unavailable: resume from your last offset")
-                return
+                await self._finish()
+            finally:
+                gauge.dec()
+                self.rt.client_sockets.remove(self)
+
+    async def _finish(self) -> None:
+        for task in list(self._catch_ups or ()):
+            task.cancel()
+        for topic in list(self._subscriptions):
+            await self._unsubscribe(topic)
+        self.close(CloseCode.NORMAL, "")
+        # Let what is queued go out, for a while (a sender that ends may start one for the close frame).
+        deadline = asyncio.get_running_loop().time() + SEND_FLUSH_S
+        while (sender := self._sender) is not None:
+            try:
+                await asyncio.wait_for(sender, timeout=max(0.0, deadline - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                return  # wait_for cancelled it
+
+    async def _handle(self, message: Message) -> bool:
+        """Handle one received ASGI message; False when the socket is done."""
+        if message["type"] == "websocket.disconnect":
+            return False
+        frame = message.get("text")
+        if frame is None:
+            frame = message.get("bytes") or b""
+        try:
+            msg = _codec(self.rt.settings.max_client_message_bytes).decode(frame)
+        except DecodeError as exc:
+            self.rt.metrics.messages.labels("client", "in", "invalid").inc()
+            if exc.code == m.ERR_TOO_BIG:
+                self.close(CloseCode.TOO_BIG, "message too big")
+                return False
+            self._errors += 1
+            if self._errors > 20:
+                self.close(CloseCode.PROTOCOL_ERROR, "too many invalid messages")
+                return False
+            self.send(exc.to_error())
+            return True
+        self.rt.metrics.messages.labels("client", "in", m.tag_of(msg)).inc()
+        try:
+            if isinstance(msg, m.Subscribe):
+                await self._subscribe(msg)
+            elif isinstance(msg, m.Unsubscribe):
+                await self._unsubscribe(msg.topic)
+                self.send(m.Unsubscribed(topic=msg.topic))
+            elif isinstance(msg, m.Ping):
+                self.send(m.Pong(id=msg.id))
+        except BackendUnavailable:
+            self.close(CloseCode.INTERNAL_ERROR, "state temporarily unavailable: resume from your last offset")
+            return False
+        return True
 
 
 async def client_endpoint(websocket: WebSocket) -> None:
@@ -302,14 +442,19 @@ async def client_endpoint(websocket: WebSocket) -> None:
     principal = await authenticate_client(rt, websocket)
     if principal is None:
         return
-    conn = ClientConnection(rt, websocket, principal)
+    conn = ClientConnection(rt, principal)
     # Registered before the upgrade: counted against the cap, and closed if its key is revoked.
+    # It leaves the registry when `run` ends.
     cap = rt.settings.max_client_sockets_per_principal
     if not rt.client_sockets.try_add(conn, cap):
         await deny(websocket, 429, "too-many-sockets", f"at most {cap} open client sockets per principal on one server")
         return
     try:
         await websocket.accept()
-        await serve_counted(rt.metrics.websockets_open.labels("client"), conn.run)
-    finally:
+    except BaseException:
         rt.client_sockets.remove(conn)
+        raise
+    if WEBSOCKET_HANDOFF in websocket.scope:
+        websocket.scope[WEBSOCKET_HANDOFF] = conn.run  # served from RequestContextMiddleware, once we return
+    else:
+        await conn.run(websocket.receive, websocket.send)

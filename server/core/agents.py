@@ -1,8 +1,9 @@
 """Connected agents: the sockets this replica holds, presence in the Broker, and command routing.
 
-The scheduler and the API never hold an agent's socket. They call `send_to_agent`, which looks up
-the agent's replica in the Broker's presence and publishes the command on that replica's channel;
-the replica that holds the socket sends it. In one process the path is the same, over MemoryBroker.
+The scheduler and the API never hold an agent's socket. They call `send_to_agent`: an agent
+connected to this replica is sent to directly; for any other, the agent's replica is looked up in
+the Broker's presence and the command published on that replica's channel, and the replica that
+holds the socket sends it.
 """
 
 from __future__ import annotations
@@ -128,6 +129,14 @@ class AgentHub:
 
     async def send_to_agent(self, agent_id: str, msg: m.ServerToAgent) -> bool:
         """Route a message to the agent wherever it is connected. False if it is not connected."""
+        link = self.links.get(agent_id)
+        if link is not None:
+            # `links` holds the agent's newest connection to this replica (register replaces an
+            # older one). Should the agent have moved to another replica a moment ago, this link
+            # is being superseded and the message is lost with it: a job-assign's lease expires
+            # and the job is re-queued; the leader sends pending cancels again.
+            await link.send(msg)
+            return True
         return await self._route(AgentCommand(agent_id=agent_id, kind="send", message=msg))
 
     async def revoke(self, agent_id: str) -> None:
@@ -145,7 +154,10 @@ class AgentHub:
                 await self._execute(command)
                 return True
             return False
-        await self._publish(presence.replica, command)
+        if presence.replica == self.replica_id:
+            await self._execute(command)
+        else:
+            await self._publish(presence.replica, command)
         return True
 
     async def _publish(self, replica: str, command: AgentCommand) -> None:

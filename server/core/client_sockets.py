@@ -53,12 +53,17 @@ _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Revocation)
 
 StillValid = Callable[[Principal], Awaitable[bool]]
+OnRevocation = Callable[[Revocation], object]
 
 
 class ClientSockets:
-    def __init__(self, broker: Broker, still_valid: StillValid, sweep_s: float = SWEEP_S) -> None:
+    def __init__(
+        self, broker: Broker, still_valid: StillValid, sweep_s: float = SWEEP_S, on_revocation: OnRevocation | None = None
+    ) -> None:
         self._broker = broker
         self._still_valid = still_valid
+        # Also told of every revocation, this replica's own at once: e.g. the API-key cache.
+        self._on_revocation = on_revocation
         self._sweep_s = sweep_s
         self._by_principal: dict[str, set[ClientLink]] = {}
         self._tasks: list[asyncio.Task[None]] = []
@@ -107,6 +112,8 @@ class ClientSockets:
 
     async def revoke(self, revocation: Revocation) -> None:
         """Close the matching sockets on every replica (this one included)."""
+        if self._on_revocation is not None:
+            self._on_revocation(revocation)  # before the publish returns, not when it comes back
         try:
             await self._broker.publish(PRINCIPALS_CHANNEL, _encoder.encode(revocation))
         except BackendUnavailable as exc:
@@ -121,7 +128,10 @@ class ClientSockets:
         return len(links)
 
     async def _handle(self, data: bytes) -> None:
-        self.close_matching(_decoder.decode(data))
+        revocation = _decoder.decode(data)
+        if self._on_revocation is not None:
+            self._on_revocation(revocation)
+        self.close_matching(revocation)
 
     async def sweep(self) -> int:
         """Close the sockets whose key no longer works; how many were closed."""

@@ -25,13 +25,29 @@ from yardmaster.protocol.jobs import (
 )
 from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
 from yardmaster.server.backends.records import JobRecord, LogEntry
-from yardmaster.server.core.admission import AdmissionPolicy, check_spec
+from yardmaster.server.core.admission import AdmissionPolicy, AdmissionRefused, check_spec
 from yardmaster.server.core.agents import AgentHub
 from yardmaster.server.core.events import EventPublisher
 from yardmaster.server.core.ids import new_id
 from yardmaster.server.observability.metrics import Metrics
 
 log = logging.getLogger("yardmaster.jobs")
+
+
+# The states an agent's result normally arrives in (a very short job can report before its accept).
+_RUNNING_STATES = ("assigned", "running")
+
+
+def _result_changes(msg: m.Result) -> dict[str, object]:
+    changes: dict[str, object] = {
+        "exit_code": msg.exit_code,
+        "error": msg.error,
+        "finished_at": msg.finished_at or time.time(),
+        "lease_expires_at": None,
+    }
+    if msg.started_at is not None:
+        changes["started_at"] = msg.started_at
+    return changes
 
 
 class JobNotFound(LookupError):
@@ -104,6 +120,39 @@ class JobService:
         await self._events.job_state(job)
         self._wake_scheduler()
         return job
+
+    async def submit_many(self, specs: Collection[JobSpec], owner: str) -> list[JobRecord]:
+        """Admit and queue a batch, all or nothing: one Store transaction, one Broker enqueue, one
+        publish round trip. Raises AdmissionRefused naming `[index].field` of the first refused
+        spec, and then nothing is stored or queued."""
+        for i, spec in enumerate(specs):
+            try:
+                check_spec(spec, self._admission)
+            except AdmissionRefused as exc:
+                raise AdmissionRefused(f"[{i}].{exc.field}", exc.message) from None
+        now = time.time()
+        # Sorted ids: within one millisecond new_id is random, and ids order the listing and break
+        # queue-score ties, so the batch keeps its submission order in both.
+        ids = sorted(new_id("job") for _ in specs)
+        jobs = [
+            JobRecord(
+                id=job_id, owner=owner, spec=spec, state="queued", priority=spec.priority,
+                created_at=now, updated_at=now, enqueued_at=now,
+            )
+            for job_id, spec in zip(ids, specs, strict=True)
+        ]
+        if not jobs:
+            return []
+        await self._store.create_jobs(jobs)
+        try:
+            await self._broker.enqueue_many([(job.id, job.priority, job.enqueued_at) for job in jobs])
+        except BackendUnavailable as exc:
+            # The Store says queued: the leader's reconciliation enqueues them once the Broker is back.
+            log.warning("jobs queued in the store, not yet in the broker", extra={"jobs": len(jobs), "reason": str(exc)})
+        self._metrics.transitions.labels("queued").inc(len(jobs))
+        await self._events.job_states(jobs)
+        self._wake_scheduler()
+        return jobs
 
     async def _enqueue(self, job: JobRecord) -> None:
         try:
@@ -291,23 +340,32 @@ class JobService:
         await self._events.job_state(job)
 
     async def on_accept(self, agent_id: str, msg: m.JobAccept) -> list[m.ServerToAgent]:
+        # The common case is one Store round trip: the job is `assigned` to this agent at this
+        # attempt. Anything else is looked at below.
+        now = time.time()
+        updated = await self._store.update_job(
+            msg.job_id,
+            expect_states=["assigned"],
+            expect_attempt=msg.attempt,
+            expect_agent=agent_id,
+            changes={
+                "state": transition("assigned", JobEvent.ACCEPT),
+                "updated_at": now,
+                "started_at": now,
+                "lease_expires_at": now + self._timings.lease_s,
+            },
+            increments={"runs": 1},
+        )
+        if updated is not None:
+            await self.announce(updated)
+            return []
         job = await self._current(agent_id, msg.job_id, msg.attempt)
         if isinstance(job, m.Error):
             return [job]
-        if job.state == "assigned":
-            now = time.time()
-            updated = await self._transition(
-                job,
-                JobEvent.ACCEPT,
-                {"started_at": now, "runs": job.runs + 1, "lease_expires_at": now + self._timings.lease_s},
-            )
-            if updated is not None:
-                return []
-            job = await self.get(msg.job_id)
-        if job.state == "cancelling" and job.attempt == msg.attempt:
+        if job.state == "cancelling":
             # The cancel crossed the assignment: say it again now that the agent runs the job.
             return [self._cancel_msg(job)]
-        return []
+        return []  # a replayed accept, or the result overtook it: nothing to change
 
     async def on_reject(self, agent_id: str, msg: m.JobReject) -> list[m.ServerToAgent]:
         job = await self._current(agent_id, msg.job_id, msg.attempt)
@@ -359,30 +417,43 @@ class JobService:
         return replies, result.entry
 
     async def on_result(self, agent_id: str, msg: m.Result) -> list[m.ServerToAgent]:
+        ack = m.ResultAck(job_id=msg.job_id, attempt=msg.attempt, accepted=True)
+        if await self._result_fast(agent_id, msg) is not None:
+            return [ack]
         job = await self._current(agent_id, msg.job_id, msg.attempt)
         if isinstance(job, m.Error):
             return [job]
-        ack = m.ResultAck(job_id=msg.job_id, attempt=msg.attempt, accepted=True)
         if job.state in TERMINAL_STATES:
             # Accepted once already (or ended by the server): acknowledge, change nothing.
             return [ack]
         event = result_event(msg.state)
         if job.state == "cancelling" and event is JobEvent.FAIL and job.cancel_reason:
             event = JobEvent.CANCELLED  # a SIGTERM'd job exits non-zero: that is the cancel working
-        changes: dict[str, object] = {
-            "exit_code": msg.exit_code,
-            "error": msg.error,
-            "finished_at": msg.finished_at or time.time(),
-            "lease_expires_at": None,
-        }
-        if msg.started_at is not None:
-            changes["started_at"] = msg.started_at
-        updated = await self._transition(job, event, changes, expect_states=sources_of(event) & {job.state})
+        updated = await self._transition(job, event, _result_changes(msg), expect_states=sources_of(event) & {job.state})
         if updated is None:
             latest = await self.get(msg.job_id)
             if latest.attempt != msg.attempt or latest.state not in TERMINAL_STATES:
                 return [m.Error(code=m.ERR_STALE_ATTEMPT, job_id=msg.job_id, attempt=msg.attempt)]
         return [ack]
+
+    async def _result_fast(self, agent_id: str, msg: m.Result) -> JobRecord | None:
+        """The common case in one Store round trip: the job is `assigned` or `running` on this
+        agent at this attempt, and the result moves it to the same state from either. Anything
+        else (a cancel in flight, a replay, a stale attempt) returns None for the full path."""
+        event = result_event(msg.state)
+        targets = {transition(state, event) for state in _RUNNING_STATES}
+        if len(targets) != 1:
+            return None
+        updated = await self._store.update_job(
+            msg.job_id,
+            expect_states=_RUNNING_STATES,
+            expect_attempt=msg.attempt,
+            expect_agent=agent_id,
+            changes={"state": targets.pop(), "updated_at": time.time(), **_result_changes(msg)},
+        )
+        if updated is not None:
+            await self.announce(updated)
+        return updated
 
     async def on_cancel_ack(self, agent_id: str, msg: m.CancelAck) -> list[m.ServerToAgent]:
         job = await self._current(agent_id, msg.job_id, msg.attempt)

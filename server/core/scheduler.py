@@ -11,11 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from yardmaster.server.backends.keys import SCHEDULER_LOCK
 from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
-from yardmaster.server.backends.records import JobRecord
+from yardmaster.server.backends.records import AgentRecord, JobRecord
 from yardmaster.server.core.agent_registry import grant_of
 from yardmaster.server.core.agents import AgentHub
 from yardmaster.server.core.jobs import JobService
@@ -23,6 +23,23 @@ from yardmaster.server.core.placement import AgentSlots, choose_agent
 from yardmaster.server.observability.metrics import Metrics
 
 log = logging.getLogger("yardmaster.scheduler")
+
+
+@dataclass
+class _CapacityView:
+    """The leader's view of agent records and of the slots in use on each agent, so that a
+    scheduling pass need not read them. Slots in use go up at each claim the leader makes and
+    are re-read when the view is older than `view_max_age_s` or says every agent is full;
+    agents are re-read when older, when an unknown agent connects, or after a registration
+    change on this replica (`agents_changed`). Between reads the view can only
+    over-count what is in use (jobs that ended since), so it never over-assigns; and a pass
+    that finds every agent full re-reads before giving up, so a freed slot is used at once."""
+
+    used: dict[str, int] = field(default_factory=dict)
+    used_read_at: float = float("-inf")
+    agents: dict[str, AgentRecord] = field(default_factory=dict)
+    agents_read_at: float = float("-inf")
+    agents_stale: bool = True
 
 
 @dataclass(frozen=True)
@@ -34,6 +51,8 @@ class SchedulerTimings:
     timeout_slack_s: float
     reconcile_s: float = 10.0
     peek: int = 200
+    # How old the leader's view of agents and slots in use may get before a pass re-reads it.
+    view_max_age_s: float = 1.0
 
 
 class Scheduler:
@@ -58,12 +77,18 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._view = _CapacityView()
 
     @property
     def is_leader(self) -> bool:
         return self.epoch is not None
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def agents_changed(self) -> None:
+        """An agent's registration changed: re-read agents, then schedule."""
+        self._view.agents_stale = True
         self._wake.set()
 
     def start(self) -> None:
@@ -144,6 +169,7 @@ class Scheduler:
             await self._broker.release_lock(SCHEDULER_LOCK, self.owner)
             return
         self.epoch = epoch
+        self._view = _CapacityView()  # what a former leader counted is not ours to trust
         self._metrics.is_leader.set(1)
         self._metrics.epoch.set(epoch)
         log.info("became scheduler leader", extra={"epoch": epoch, "owner": self.owner})
@@ -162,18 +188,28 @@ class Scheduler:
 
     # ---- scheduling ----------------------------------------------------------------------------
 
-    async def _agent_slots(self) -> list[AgentSlots]:
+    async def _agent_slots(self, *, fresh: bool = False) -> list[AgentSlots]:
+        """Connected agents that take work, with their free slots, from the leader's view (read
+        from the Store only when it is stale or `fresh` is asked for)."""
         connected = await self._agents.connected()
         if not connected:
             return []
-        counts = await self._store.active_job_counts()
+        view = self._view
+        now = time.monotonic()
+        if fresh or now - view.used_read_at > self._t.view_max_age_s:
+            view.used = dict(await self._store.active_job_counts())
+            view.used_read_at = now
+        if view.agents_stale or now - view.agents_read_at > self._t.view_max_age_s or not connected.keys() <= view.agents.keys():
+            view.agents_stale = False
+            view.agents = {rec.id: rec for rec in await self._store.list_agents()}
+            view.agents_read_at = now
         slots: list[AgentSlots] = []
         for order, agent_id in enumerate(sorted(connected)):
-            rec = await self._store.get_agent(agent_id)
+            rec = view.agents.get(agent_id)
             if rec is None or rec.revoked_at is not None or rec.draining_since is not None:
                 continue
             grant = grant_of(rec)  # the registration decides, not the agent's hello
-            free = grant.capacity - counts.get(agent_id, 0)
+            free = grant.capacity - view.used.get(agent_id, 0)
             slots.append(AgentSlots(agent_id=agent_id, labels=frozenset(grant.labels), free=free, order=order,
                                     executor=rec.executor or "docker"))
         return slots
@@ -186,12 +222,18 @@ class Scheduler:
         candidates = await self._broker.peek(self._t.peek)
         if not candidates:
             return 0  # an idle pass costs one Broker call, not a read of every agent
+        read_before = self._view.used_read_at
         slots = await self._agent_slots()
-        if not any(s.free > 0 for s in slots):
-            return 0
+        if not any(s.free > 0 for s in slots) and self._view.used_read_at == read_before:
+            # The view counts our claims at once but jobs that ended elsewhere only when re-read:
+            # before concluding that every agent is full, look again (at most once per pass).
+            slots = await self._agent_slots(fresh=True)
+            if not any(s.free > 0 for s in slots):
+                return 0
+        jobs = await self._store.get_jobs(candidates)
         assigned = 0
         for job_id in candidates:
-            job = await self._store.get_job(job_id)
+            job = jobs.get(job_id)
             if job is None or job.state != "queued":
                 await self._broker.remove(job_id)  # stale entry: cancelled, or claimed before a crash
                 continue
@@ -200,6 +242,7 @@ class Scheduler:
                 continue  # nobody can take it now; it must not block the jobs behind it
             if await self._assign(job, agent.agent_id, epoch):
                 agent.free -= 1
+                self._view.used[agent.agent_id] = self._view.used.get(agent.agent_id, 0) + 1
                 assigned += 1
                 if not any(s.free > 0 for s in slots):
                     break

@@ -47,5 +47,9 @@ class Metrics:
         for channel in ("agent", "client"):
             self.websockets_open.labels(channel)
 
+    def client_messages_out(self, kind: str, n: int = 1) -> None:
+        """`n` messages of type `kind` sent on client sockets (fan-out counts once per event)."""
+        self.messages.labels("client", "out", kind).inc(n)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -90,6 +90,21 @@ async def test_enqueue_is_idempotent(broker: Broker) -> None:
     assert await broker.queue_depth() == 2
 
 
+async def test_enqueue_many_is_enqueue_for_each_item(broker: Broker) -> None:
+    await broker.enqueue("queued-before", 0, T0 + 5)
+    await broker.enqueue_many([])  # nothing to add: not an error
+    await broker.enqueue_many(
+        [("mid-2", 0, T0 + 2), ("high-9", 10, T0 + 9), ("queued-before", 100, T0), ("mid-1", 0, T0 + 1)]
+    )
+    # Priority then FIFO, as one by one; the job already queued keeps its position.
+    assert await broker.peek(10) == ["high-9", "mid-1", "mid-2", "queued-before"]
+    assert await broker.queue_depth() == 4
+    many = [(f"bulk-{i:04d}", 0, T0 + 100 + i) for i in range(1000)]
+    await broker.enqueue_many(many)
+    assert await broker.queue_depth() == 1004
+    assert (await broker.peek(1004))[4:] == [job_id for job_id, _, _ in many]
+
+
 async def test_peek_does_not_remove_and_depth_and_is_queued(broker: Broker) -> None:
     assert await broker.queue_depth() == 0
     assert not await broker.is_queued("x")
@@ -201,6 +216,19 @@ async def test_publish_reaches_every_subscriber_in_order(broker: Broker) -> None
     for sub in subs:
         assert [await next_message(sub) for _ in range(50)] == [f"m{i}".encode() for i in range(50)]
         await sub.close()
+
+
+async def test_publish_many_delivers_each_message_in_order(broker: Broker) -> None:
+    a = await broker.subscribe("many-a")
+    b = await broker.subscribe("many-b")
+    await broker.publish_many([])  # nothing to send: not an error
+    await broker.publish_many([("many-a", b"1"), ("many-b", b"2"), ("many-a", b"3"), ("nobody-listens", b"4")])
+    await broker.publish("many-a", b"5")
+    assert [await next_message(a) for _ in range(3)] == [b"1", b"3", b"5"]
+    assert await next_message(b) == b"2"
+    await no_message(b)
+    await a.close()
+    await b.close()
 
 
 async def test_message_published_right_after_subscribe_is_delivered(broker: Broker) -> None:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from yardmaster.protocol.jobs import JobSpec
 from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, JobRecord
@@ -66,27 +69,32 @@ _WORKER = r"""
 import asyncio, json, sys, time
 from yardmaster.server.backends.sqlite_store import SqliteStore
 
-async def main(path: str, worker: str, start_at: float, ids: list[str]) -> None:
+async def main(path: str, worker: str, start_at: float, ids: list[str], together: bool) -> None:
     store = SqliteStore(path)
     await store.start()
     try:
         await asyncio.sleep(max(0.0, start_at - time.time()))
-        won = []
-        for job_id in ids:
+
+        async def claim(job_id: str) -> bool:
             rec = await store.update_job(
                 job_id, expect_states=["queued"], changes={"state": "assigned", "attempt": 1, "agent_id": worker}
             )
-            if rec is not None:
-                won.append(job_id)
+            return rec is not None
+
+        if together:  # all at once: claims share group commits
+            won = [j for j, ok in zip(ids, await asyncio.gather(*(claim(j) for j in ids))) if ok]
+        else:
+            won = [j for j in ids if await claim(j)]
     finally:
-        await store.close()  # aiosqlite's thread would keep the process alive otherwise
+        await store.close()
     print(json.dumps(won))
 
-asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4])))
+asyncio.run(main(sys.argv[1], sys.argv[2], float(sys.argv[3]), json.loads(sys.argv[4]), sys.argv[5] == "1"))
 """
 
 
-async def test_two_processes_claim_each_job_exactly_once(tmp_path: Path) -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "all-at-once"])
+async def test_two_processes_claim_each_job_exactly_once(tmp_path: Path, together: bool) -> None:
     path = str(tmp_path / "shared.db")
     store = SqliteStore(path)
     await store.start()
@@ -104,6 +112,7 @@ async def test_two_processes_claim_each_job_exactly_once(tmp_path: Path) -> None
             worker,
             str(start_at),
             json.dumps(ids),
+            "1" if together else "0",
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
@@ -128,3 +137,83 @@ async def test_two_processes_claim_each_job_exactly_once(tmp_path: Path) -> None
         assert rec is not None and rec.state == "assigned"
         assert job_id in won[rec.agent_id or ""]
     await store.close()
+
+
+_SUBMITTER = r"""
+import asyncio, sys, time
+from yardmaster.protocol.jobs import JobSpec
+from yardmaster.server.backends.records import JobRecord
+from yardmaster.server.backends.sqlite_store import SqliteStore
+
+async def submit(store: SqliteStore, n: int) -> None:
+    now = time.time()
+    rec = JobRecord(id=f"j{n:06d}", owner="alice", spec=JobSpec(image="busybox", command=["true"]),
+                    state="queued", created_at=now, updated_at=now, enqueued_at=now)
+    await store.create_job(rec)
+    sys.stdout.write(rec.id + "\n")  # acknowledged
+    sys.stdout.flush()
+
+async def main(path: str) -> None:
+    store = SqliteStore(path)
+    await store.start()
+    n = 0
+    while True:  # until killed: 16 submissions in flight at a time, so commits are shared
+        await asyncio.gather(*(submit(store, n + k) for k in range(16)))
+        n += 16
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_every_acknowledged_write_survives_the_process_being_killed(tmp_path: Path) -> None:
+    path = str(tmp_path / "crash.db")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _SUBMITTER, path, cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    acknowledged: list[str] = []
+    try:
+        while len(acknowledged) < 2000:
+            line = await asyncio.wait_for(proc.stdout.readline(), timeout=30)
+            assert line, (await proc.stderr.read()).decode() if proc.stderr else ""
+            acknowledged.append(line.decode().strip())
+    finally:
+        proc.send_signal(signal.SIGKILL)  # mid-flight: no close(), no checkpoint
+        await proc.wait()
+
+    store = SqliteStore(path)
+    await store.start()
+    try:
+        stored = await store.get_jobs(acknowledged)
+        assert sorted(stored) == sorted(acknowledged)
+        assert all(rec.state == "queued" for rec in stored.values())
+    finally:
+        await store.close()
+
+
+async def test_each_store_call_is_one_round_trip(tmp_path: Path) -> None:
+    store = SqliteStore(str(tmp_path / "rt.db"))
+    await store.start()
+    try:
+        jobs = [_job(f"j{n}") for n in range(5)]
+        calls = [
+            store.create_jobs(jobs),
+            store.get_jobs([j.id for j in jobs]),
+            store.update_job(
+                "j0", expect_states=["queued"], fence_epoch=2, changes={"state": "assigned", "attempt": 1, "agent_id": "a1"}
+            ),
+            store.update_job("j0", expect_states=["assigned"], expect_attempt=1, expect_agent="a1", changes={"state": "running"}),
+            store.append_log("j0", 1, 0, "stdout", b"out", 1.0, cap_bytes=1024),
+            store.renew_leases("a1", [("j0", 1), ("j1", 1)], until=99.0),
+            store.get_job("j0"),
+            store.list_jobs(states=["running"]),
+        ]
+        for call in calls:
+            before = store.round_trips
+            await call
+            assert store.round_trips == before + 1
+        before = store.round_trips
+        assert await store.get_jobs([]) == {} and await store.create_jobs([]) is None
+        assert store.round_trips == before  # nothing to do: no trip
+    finally:
+        await store.close()

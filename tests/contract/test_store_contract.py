@@ -217,6 +217,51 @@ async def test_create_get_job_roundtrip(store: Store) -> None:
         await store.create_job(j)
 
 
+async def test_create_jobs_creates_the_whole_batch(store: Store) -> None:
+    batch = [job(), job("bob"), job(state="queued", priority=3)]
+    await store.create_jobs(batch)
+    for j in batch:
+        assert await store.get_job(j.id) == j
+    await store.create_jobs([])  # an empty batch is a no-op
+    assert await store.count_jobs_by_state() == {"queued": 3}
+
+
+async def test_create_jobs_is_all_or_none(store: Store) -> None:
+    existing = job()
+    await store.create_job(existing)
+
+    before, after = job(), job()
+    with pytest.raises(ValueError):
+        await store.create_jobs([before, job(id=existing.id, owner="mallory"), after])
+    assert await store.get_job(before.id) is None
+    assert await store.get_job(after.id) is None
+    assert await store.get_job(existing.id) == existing
+
+    first = job()
+    with pytest.raises(ValueError):  # the same id twice within the batch
+        await store.create_jobs([first, job(), job(id=first.id)])
+    assert await store.get_job(first.id) is None
+    assert await store.count_jobs_by_state() == {"queued": 1}
+
+
+async def test_get_jobs_returns_the_existing_ones_by_id(store: Store) -> None:
+    a, b = job(), job(state="running", agent_id="ag1", attempt=1)
+    await store.create_jobs([a, b])
+    assert await store.get_jobs([a.id, "j_missing", b.id, a.id]) == {a.id: a, b.id: b}
+    assert await store.get_jobs({b.id}) == {b.id: b}
+    assert await store.get_jobs(["j_missing"]) == {}
+    assert await store.get_jobs([]) == {}
+
+
+async def test_get_jobs_takes_more_ids_than_a_statement_has_parameters(store: Store) -> None:
+    # SQLite allows 32766 parameters in one statement; a list of ids must not be bound by that.
+    wanted = [job() for _ in range(20)]
+    await store.create_jobs(wanted)
+    missing = [f"j_missing_{n:06d}" for n in range(40_000)]
+    ids = missing[:20_000] + [j.id for j in wanted] + missing[20_000:]
+    assert await store.get_jobs(ids) == {j.id: j for j in wanted}
+
+
 async def test_list_jobs_filters_and_order(store: Store) -> None:
     a1 = job("alice")
     b1 = job("bob", state="running", agent_id="ag1", attempt=1)
@@ -287,6 +332,68 @@ async def test_update_job_cas(store: Store) -> None:
     assert running.spec == j.spec
 
     assert await store.update_job("j_missing", expect_states=["queued"], changes={"state": "assigned"}) is None
+
+
+async def test_update_job_increments_integer_fields_in_the_same_compare_and_set(store: Store) -> None:
+    j = job(state="assigned", agent_id="ag1", attempt=2, runs=1)
+    await store.create_job(j)
+    running = await store.update_job(
+        j.id, expect_states=["assigned"], expect_attempt=2, expect_agent="ag1",
+        changes={"state": "running"}, increments={"runs": 1},
+    )
+    assert running is not None and (running.state, running.runs) == ("running", 2)
+    assert (await store.get_job(j.id)) == running
+    # A failed compare increments nothing.
+    assert await store.update_job(j.id, expect_states=["assigned"], changes={}, increments={"runs": 1}) is None
+    assert (await store.get_job(j.id)).runs == 2  # type: ignore[union-attr]
+    with pytest.raises(ValueError):
+        await store.update_job(j.id, expect_states=["running"], changes={}, increments={"state": 1})
+    with pytest.raises(ValueError):
+        await store.update_job(j.id, expect_states=["running"], changes={}, increments={"runs": 1.5})  # type: ignore[dict-item]
+
+
+async def test_update_job_expect_agent(store: Store) -> None:
+    j = job(state="running", agent_id="ag1", attempt=1)
+    unassigned = job()
+    await store.create_jobs([j, unassigned])
+
+    assert await store.update_job(j.id, expect_states=["running"], expect_agent="ag2", changes={"state": "failed"}) is None
+    assert await store.get_job(j.id) == j
+    assert (
+        await store.update_job(unassigned.id, expect_states=["queued"], expect_agent="ag1", changes={"priority": 1})
+        is None
+    )
+    assert await store.get_job(unassigned.id) == unassigned
+
+    done = await store.update_job(
+        j.id, expect_states=["running"], expect_attempt=1, expect_agent="ag1", changes={"state": "succeeded"}
+    )
+    assert done is not None and done.state == "succeeded" and done.agent_id == "ag1"
+    # Every given part must hold: the right agent at a stale attempt is refused.
+    assert (
+        await store.update_job(j.id, expect_states=["succeeded"], expect_attempt=2, expect_agent="ag1", changes={"priority": 5})
+        is None
+    )
+    assert await store.get_job(j.id) == done
+
+
+async def test_a_failing_change_among_concurrent_ones_fails_alone(store: Store) -> None:
+    jobs = [job() for _ in range(30)]
+    await store.create_jobs(jobs)
+
+    async def change(n: int, j: JobRecord) -> JobRecord | None:
+        changes: dict[str, Any] = {"bogus": 1} if n % 3 == 1 else {"priority": n}
+        return await store.update_job(j.id, expect_states=["queued"], fence_epoch=1, changes=changes)
+
+    results = await asyncio.gather(*(change(n, j) for n, j in enumerate(jobs)), return_exceptions=True)
+    for n, (j, result) in enumerate(zip(jobs, results, strict=True)):
+        stored = await store.get_job(j.id)
+        if n % 3 == 1:
+            assert isinstance(result, ValueError)
+            assert stored == j
+        else:
+            assert isinstance(result, JobRecord) and result.priority == n
+            assert stored == result
 
 
 async def test_update_job_rejects_bad_changes(store: Store) -> None:

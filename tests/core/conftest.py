@@ -60,15 +60,18 @@ class CheckedStore(SqliteStore):
         *,
         expect_states: Collection[str],
         expect_attempt: int | None = None,
+        expect_agent: str | None = None,
         fence_epoch: int | None = None,
         changes: Mapping[str, Any],
+        increments: Mapping[str, int] | None = None,
     ) -> JobRecord | None:
         if "state" in changes:
             state = str(changes["state"])
             assert state in self.ledger.pending, f"job {job_id}: state {state!r} written without transition()"
             self.ledger.pending.clear()
         updated = await super().update_job(
-            job_id, expect_states=expect_states, expect_attempt=expect_attempt, fence_epoch=fence_epoch, changes=changes
+            job_id, expect_states=expect_states, expect_attempt=expect_attempt, expect_agent=expect_agent,
+            fence_epoch=fence_epoch, changes=changes, increments=increments,
         )
         if updated is not None and "state" in changes:
             self.ledger.written.append((job_id, updated.state))

@@ -109,3 +109,36 @@ def test_a_slow_subscriber_is_closed_with_4008_and_slows_nobody(cluster: Cluster
     finally:
         fast.close()
         slow.close()
+
+
+def _client_out(server: ServerProcess, kind: str) -> float:
+    prefix = f'yardmaster_ws_messages_total{{channel="client",direction="out",type="{kind}"}} '
+    lines = [line for line in server.api("GET", "/metrics").splitlines() if line.startswith(prefix)]
+    return float(lines[0][len(prefix):]) if lines else 0.0
+
+
+def test_messages_out_are_counted_once_per_frame_each_subscriber_got(cluster: Cluster) -> None:
+    # Live log frames are counted once per event for all subscribers together (not per socket):
+    # the counter must still equal the frames the subscribers received, live and from history.
+    server = cluster.server()
+    cluster.agent(server, "p1", executor="process")
+    job = server.submit(image="none", command="sleep 1; for i in $(seq 1 40); do echo line $i; sleep 0.02; done")
+    topic = f"job:{job['id']}"
+    subscribers = [Subscriber(server.ws_url, server.admin_key, topic, from_offset=None) for _ in range(3)]
+    subscribers.append(Subscriber(server.ws_url, server.admin_key, topic, from_offset=0))
+    try:
+        server.wait_state(job["id"], "succeeded", timeout=60)
+        late = Subscriber(server.ws_url, server.admin_key, topic, from_offset=0)  # all from history
+        subscribers.append(late)
+        for sub in subscribers:
+            sub.wait_for(lambda s: "succeeded" in s.states(), what="the terminal state")
+        assert "".join(x["text"] for x in late.logs()).count("\n") == 40
+        frames = sum(len(sub.logs()) for sub in subscribers)
+        assert frames >= len(subscribers)
+        wait_until(lambda: _client_out(server, "log") == frames, 10, what=f"{frames} log frames counted")
+        states = sum(len(sub.states()) for sub in subscribers)
+        assert _client_out(server, "job-state") == states
+        assert _client_out(server, "subscribed") == len(subscribers)
+    finally:
+        for sub in subscribers:
+            sub.close()

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import http.client as http_client
 import json
+import socket
 import urllib.request
 from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support.cluster import HttpError, ServerProcess, http
+from tests.support.cluster import HttpError, ServerProcess, http, wait_until
 from tests.support.cluster_plugin import Cluster
 from tests.support.keys import put_key
+from yardmaster.server.sdk import YardmasterClient
 
 PROTECTED = [
     ("GET", "/api/v1/jobs"),
@@ -196,3 +198,87 @@ def test_a_configured_admission_policy_is_enforced(cluster: Cluster) -> None:
     root = server.submit(image="registry.example.com/team/app:1", command=["true"], labels=["nobody"], user="0:0",
                          resources=within)
     assert root["state"] == "queued" and root["spec"]["user"] == "0:0"
+
+
+def _post_jobs(server: ServerProcess, body: object, key: str | None = None) -> tuple[int, dict]:
+    """POST /api/v1/jobs: (status, JSON body)."""
+    conn = http_client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        conn.request("POST", "/api/v1/jobs", json.dumps(body), {
+            "Authorization": f"Bearer {key or server.admin_key}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def _spec(**extra: object) -> dict[str, object]:
+    return {"image": "x", "command": ["true"], "labels": ["nobody"], **extra}  # no agent takes it
+
+
+def _queue_depth(server: ServerProcess) -> str:
+    return next(line for line in http("GET", server.url + "/metrics").splitlines() if line.startswith("yardmaster_queue_depth "))
+
+
+def test_a_batch_submit_stores_and_queues_every_job_in_submission_order(server: ServerProcess) -> None:
+    status, body = _post_jobs(server, [_spec(), _spec(env={"TOKEN": "batch-secret"}), _spec(priority=5)])
+    assert status == 201
+    jobs = body["jobs"]
+    assert [j["spec"]["priority"] for j in jobs] == [0, 0, 5]
+    assert all(j["state"] == "queued" and j["owner"] == "admin" for j in jobs)
+    assert jobs[1]["spec"]["env"] == {"TOKEN": "batch-secret"}  # shown to the submitter, as for one job
+    ids = [j["id"] for j in jobs]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert [j["id"] for j in server.api("GET", "/api/v1/jobs")["jobs"]] == ids[::-1]
+    assert server.job(ids[2])["state"] == "queued"
+    assert _queue_depth(server) == "yardmaster_queue_depth 3.0"
+    with YardmasterClient(server.url, server.admin_key) as client:
+        many = client.submit_jobs([_spec(command=["echo", str(i)]) for i in range(1000)])
+    assert [j["spec"]["command"] for j in many] == [["echo", str(i)] for i in range(1000)]
+    assert _queue_depth(server) == "yardmaster_queue_depth 1003.0"
+    assert "batch-secret" not in server.log_path.read_text()
+
+
+BATCH_REFUSALS = [
+    ([_spec(), _spec(), _spec(), _spec(resources={"memory_mb": 0})], "invalid-spec", "[3].resources.memory_mb"),
+    ([_spec(), _spec(typo_field=1)], "invalid-spec", "[1].typo_field"),
+    ([_spec(env={"A B": "1"})], "invalid-spec", "[0].env"),
+    ([_spec(), 7], "invalid-spec", "[1]"),
+    ([_spec(), _spec(user="0:0")], "not-allowed", "[1].user"),
+    ([_spec(), _spec(resources={"memory_mb": 1_048_576})], "not-allowed", "[1].resources.memory_mb"),
+    ([_spec()] * 1001, "invalid-spec", "[1000]"),
+    ([], "invalid-spec", None),
+]
+
+
+def test_a_batch_with_one_bad_spec_is_refused_whole_naming_its_index_and_field(server: ServerProcess) -> None:
+    for batch, code, field in BATCH_REFUSALS:
+        status, body = _post_jobs(server, batch)
+        assert status == 422, (field, body)
+        assert body["error"]["code"] == code and body["error"].get("field") == field, body
+    assert "at most 1000 jobs" in _post_jobs(server, [_spec()] * 1001)[1]["error"]["message"]
+    assert "$[3].resources.memory_mb" in _post_jobs(server, BATCH_REFUSALS[0][0])[1]["error"]["message"]
+    with pytest.raises(HttpError) as err:
+        http("POST", server.url + "/api/v1/jobs", server.admin_key, raw=b'[{"image": "x", ')
+    assert err.value.status == 422 and err.value.body["error"]["code"] == "invalid-spec"
+    assert server.api("GET", "/api/v1/jobs")["jobs"] == []  # nothing of any refused batch stored
+    assert _queue_depth(server) == "yardmaster_queue_depth 0.0"
+
+
+def test_a_client_that_goes_away_mid_body_is_no_server_error(cluster: Cluster) -> None:
+    server = cluster.server(env={"YM_LOG_LEVEL": "debug"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            b"POST /api/v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {server.admin_key}\r\n".encode()
+            + b"Content-Length: 1000\r\n\r\n" + b'{"image": "x", '
+        )
+    seen = "before its request body was complete"
+
+    def settled() -> str:
+        text = server.log_path.read_text()
+        return text if seen in text or '"level": "error"' in text else ""
+
+    log = wait_until(settled, 10, what="the server to see the client go away")
+    assert '"level": "error"' not in log and "Traceback" not in log and seen in log
+    assert server.api("GET", "/api/v1/jobs")["jobs"] == []
