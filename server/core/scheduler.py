@@ -230,24 +230,31 @@ class Scheduler:
             slots = await self._agent_slots(fresh=True)
             if not any(s.free > 0 for s in slots):
                 return 0
-        jobs = await self._store.get_jobs(candidates)
         assigned = 0
-        for job_id in candidates:
-            job = jobs.get(job_id)
-            if job is None or job.state != "queued":
-                await self._broker.remove(job_id)  # stale entry: cancelled, or claimed before a crash
-                continue
-            agent = choose_agent(job.spec.labels, slots, job.spec.executor)
-            if agent is None:
-                continue  # nobody can take it now; it must not block the jobs behind it
-            if await self._assign(job, agent.agent_id, epoch):
-                agent.free -= 1
-                self._view.used[agent.agent_id] = self._view.used.get(agent.agent_id, 0) + 1
-                assigned += 1
-                if not any(s.free > 0 for s in slots):
-                    break
-            elif self.epoch is None:
-                break
+        start = 0
+        while start < len(candidates):
+            # Read the candidates in chunks sized to the free slots: a deep queue costs a pass
+            # what it can assign, yet a job no agent can take never hides the ones behind it.
+            free = sum(max(0, s.free) for s in slots)
+            chunk = candidates[start : start + min(self._t.peek, 2 * free + 8)]
+            start += len(chunk)
+            jobs = await self._store.get_jobs(chunk)
+            for job_id in chunk:
+                job = jobs.get(job_id)
+                if job is None or job.state != "queued":
+                    await self._broker.remove(job_id)  # stale entry: cancelled, or claimed before a crash
+                    continue
+                agent = choose_agent(job.spec.labels, slots, job.spec.executor)
+                if agent is None:
+                    continue  # nobody can take it now; it must not block the jobs behind it
+                if await self._assign(job, agent.agent_id, epoch):
+                    agent.free -= 1
+                    self._view.used[agent.agent_id] = self._view.used.get(agent.agent_id, 0) + 1
+                    assigned += 1
+                    if not any(s.free > 0 for s in slots):
+                        return assigned
+                elif self.epoch is None:
+                    return assigned
         return assigned
 
     async def _assign(self, job: JobRecord, agent_id: str, epoch: int) -> bool:
@@ -280,8 +287,7 @@ class Scheduler:
         before: str | None = None
         while True:
             page = await self._store.list_jobs(states=["queued"], limit=500, before=before)
-            for job in page:
-                await self._broker.enqueue(job.id, job.priority, job.enqueued_at)
+            await self._broker.enqueue_many([(job.id, job.priority, job.enqueued_at) for job in page])
             if len(page) < 500:
                 return
             before = page[-1].id
