@@ -46,7 +46,7 @@ class Runtime:
         )
         self.keys = KeyService(store, self.client_sockets)
         self.agents = AgentHub(broker, self.metrics, self.replica_id, s.lease_s)
-        self.agent_registry = AgentRegistry(store, self.agents, wake_scheduler=self._agents_changed)
+        self.agent_registry = AgentRegistry(store, self.agents, agents_changed=self._agents_changed)
         self.jobs = JobService(
             store,
             broker,

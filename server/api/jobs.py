@@ -13,7 +13,7 @@ from yardmaster.server.api.errors import ApiError
 from yardmaster.server.api.views import job_view
 from yardmaster.server.backends.records import JobRecord
 from yardmaster.server.core.admission import AdmissionRefused
-from yardmaster.server.core.jobs import JobAlreadyFinished, JobNotFound
+from yardmaster.server.core.jobs import JobAlreadyFinished
 from yardmaster.server.runtime import Runtime
 from yardmaster.server.security.principals import Principal
 
@@ -38,10 +38,7 @@ def int_param(request: Request, name: str, default: int, lo: int, hi: int) -> in
 
 
 async def visible_job(request: Request, principal: Principal) -> JobRecord:
-    try:
-        job = await runtime(request).jobs.get(request.path_params["job_id"])
-    except JobNotFound:
-        job = None
+    job = await runtime(request).jobs.find(request.path_params["job_id"])
     if job is None or not principal.may_see(job.owner):
         raise ApiError(404, "not-found", "no such job")
     return job

@@ -82,7 +82,7 @@ async def authenticate_client(rt: Runtime, websocket: WebSocket) -> Principal | 
         return None
     if ticket is None:
         token = bearer_token(websocket.headers.get("authorization"))
-        principal = await principal_for_api_key(rt.store, token) if token else None
+        principal = await principal_for_api_key(rt.store, token, rt.principal_cache) if token else None
     if principal is None:
         await deny(websocket, 401, "unauthorized", "a valid ticket or API key is required")
     return principal

@@ -1,4 +1,6 @@
-"""What both WebSocket channels share: refusing a handshake, and the life of an open socket."""
+"""What the WebSocket channels share: refusing a handshake, sending without a task per frame
+(`start_eagerly`, the client channel's fan-out), and the life of an open agent socket
+(`run_socket`, `serve_counted`)."""
 
 from __future__ import annotations
 

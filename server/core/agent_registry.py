@@ -84,10 +84,10 @@ class AgentNotFound(LookupError):
 
 
 class AgentRegistry:
-    def __init__(self, store: Store, hub: AgentHub, wake_scheduler: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, store: Store, hub: AgentHub, agents_changed: Callable[[], None] = lambda: None) -> None:
         self._store = store
         self._hub = hub
-        self._wake_scheduler = wake_scheduler
+        self._agents_changed = agents_changed  # the scheduler re-reads agents, then schedules
 
     # ---- admins ----------------------------------------------------------------------------
 
@@ -144,7 +144,7 @@ class AgentRegistry:
         connected = agent.id in await self._hub.connected()
         if connected and grant_of(agent) != grant_of(before):
             await self._hub.reconnect(agent.id)
-        self._wake_scheduler()
+        self._agents_changed()
         return agent, connected
 
     # ---- the agent itself --------------------------------------------------------------------

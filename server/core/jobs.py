@@ -50,6 +50,13 @@ def _result_changes(msg: m.Result) -> dict[str, object]:
     return changes
 
 
+def _queued_record(spec: JobSpec, owner: str, now: float) -> JobRecord:
+    return JobRecord(
+        id=new_id("job"), owner=owner, spec=spec, state="queued", priority=spec.priority,
+        created_at=now, updated_at=now, enqueued_at=now,
+    )
+
+
 class JobNotFound(LookupError):
     pass
 
@@ -103,17 +110,7 @@ class JobService:
     async def submit(self, spec: JobSpec, owner: str) -> JobRecord:
         """Admit and queue a job. Raises AdmissionRefused naming the field the policy refuses."""
         check_spec(spec, self._admission)
-        now = time.time()
-        job = JobRecord(
-            id=new_id("job"),
-            owner=owner,
-            spec=spec,
-            state="queued",
-            priority=spec.priority,
-            created_at=now,
-            updated_at=now,
-            enqueued_at=now,
-        )
+        job = _queued_record(spec, owner, time.time())
         await self._store.create_job(job)
         await self._enqueue(job)
         self._metrics.transitions.labels("queued").inc()
@@ -131,16 +128,9 @@ class JobService:
             except AdmissionRefused as exc:
                 raise AdmissionRefused(f"[{i}].{exc.field}", exc.message) from None
         now = time.time()
-        # Sorted ids: within one millisecond new_id is random, and ids order the listing and break
-        # queue-score ties, so the batch keeps its submission order in both.
-        ids = sorted(new_id("job") for _ in specs)
-        jobs = [
-            JobRecord(
-                id=job_id, owner=owner, spec=spec, state="queued", priority=spec.priority,
-                created_at=now, updated_at=now, enqueued_at=now,
-            )
-            for job_id, spec in zip(ids, specs, strict=True)
-        ]
+        # new_id is monotonic, so the batch keeps its submission order in the listing and in
+        # queue-score ties (equal priority, equal enqueue time).
+        jobs = [_queued_record(spec, owner, now) for spec in specs]
         if not jobs:
             return []
         await self._store.create_jobs(jobs)
