@@ -23,6 +23,8 @@ from yardmaster.server.security.bootstrap import ensure_admin_key
 from yardmaster.server.security.tickets import TicketService
 from yardmaster.server.security.principals import Principal, PrincipalCache, still_valid
 from yardmaster.server.core.keys import KeyService
+from yardmaster.server.core.audit import AuditLog
+from yardmaster.server.security.sessions import SessionService
 from yardmaster.server.settings import Settings
 from yardmaster.protocol.close_codes import CloseCode
 
@@ -45,6 +47,8 @@ class Runtime:
             broker, self._key_still_valid, on_revocation=lambda r: self.principal_cache.forget(r.principal_id, r.key_id)
         )
         self.keys = KeyService(store, self.client_sockets)
+        self.audit = AuditLog(store)
+        self.sessions = SessionService()
         self.agents = AgentHub(broker, self.metrics, self.replica_id, s.lease_s)
         self.agent_registry = AgentRegistry(store, self.agents, agents_changed=self._agents_changed)
         self.jobs = JobService(

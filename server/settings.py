@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -74,6 +74,20 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     admin_key: str | None = None
+    # Users and sign-in
+    allow_signup: bool = False  # POST /api/v1/auth/register open to anyone
+    jwt_algorithm: Literal["EdDSA", "ES256", "HS256"] = "EdDSA"
+    jwt_secret: str | None = None  # HS256 only: at least 32 characters, the same on every replica
+    jwt_issuer: str = "yardmaster"
+    jwt_audience: str = "yardmaster"
+    access_token_ttl_s: Annotated[float, msgspec.Meta(ge=60, le=86_400)] = 900.0
+    refresh_token_ttl_s: Annotated[float, msgspec.Meta(ge=300, le=365 * 86_400)] = 30 * 86_400.0
+    oidc_issuer: str | None = None
+    oidc_client_id: str | None = None
+    oidc_client_secret: str | None = None
+    oidc_redirect_uri: str | None = None
+    oidc_allowed_domains: tuple[str, ...] = ()  # empty: any email domain the provider vouches for
+    oidc_allow_signup: bool = False  # create a user on first OIDC sign-in
     log_level: str = "info"
     replica_id: str | None = None
 
@@ -87,6 +101,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     @property
     def tls(self) -> bool:
         return self.tls_cert_file is not None
+
+    @property
+    def oidc(self) -> bool:
+        return self.oidc_issuer is not None
 
     def effective_trusted_hosts(self) -> tuple[str, ...]:
         if self.trusted_hosts:
@@ -158,6 +176,14 @@ def _validate(s: Settings) -> None:
         raise SettingsError("YM_LOG_LEVEL: must be one of debug, info, warning, error")
     if s.admin_key is not None and not tokens.well_formed(s.admin_key, "api-key"):
         raise SettingsError("YM_ADMIN_KEY: not a Yardmaster API key (expected ymk_…; `yardmaster keygen` makes one)")
+    if s.jwt_algorithm == "HS256" and (s.jwt_secret is None or len(s.jwt_secret) < 32):
+        raise SettingsError("YM_JWT_SECRET: HS256 needs a secret of at least 32 characters")
+    if s.jwt_algorithm != "HS256" and s.jwt_secret is not None:
+        raise SettingsError("YM_JWT_SECRET: only used with YM_JWT_ALGORITHM=HS256 (EdDSA and ES256 keep a key pair in YM_DATA_DIR)")
+    oidc = {"YM_OIDC_ISSUER": s.oidc_issuer, "YM_OIDC_CLIENT_ID": s.oidc_client_id, "YM_OIDC_REDIRECT_URI": s.oidc_redirect_uri}
+    if any(v is not None for v in oidc.values()) and any(v is None for v in oidc.values()):
+        missing = next(name for name, v in oidc.items() if v is None)
+        raise SettingsError(f"{missing}: OIDC sign-in needs YM_OIDC_ISSUER, YM_OIDC_CLIENT_ID and YM_OIDC_REDIRECT_URI")
     if (s.tls_cert_file is None) != (s.tls_key_file is None):
         raise SettingsError("YM_TLS_CERT_FILE: set both YM_TLS_CERT_FILE and YM_TLS_KEY_FILE, or neither")
     for url_name, url, schemes in (

@@ -11,10 +11,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from yardmaster.protocol.jobs import Label, validation_field
-from yardmaster.server.api.auth import read_body, require_admin, require_principal, runtime
+from yardmaster.server.api.auth import read_body, requires, runtime
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.api.views import agent_view
 from yardmaster.server.core.agent_registry import MAX_CAPACITY, MAX_LABELS, AgentNotFound
+from yardmaster.server.security.principals import Principal
 
 Labels = Annotated[list[Label], msgspec.Meta(max_length=MAX_LABELS)]
 Capacity = Annotated[int, msgspec.Meta(ge=0, le=MAX_CAPACITY)]
@@ -50,14 +51,14 @@ def _not_found() -> ApiError:
     return ApiError(404, "not-found", "no such agent")
 
 
-async def list_agents(request: Request) -> Response:
-    await require_principal(request)
+@requires("jobs:read")
+async def list_agents(request: Request, principal: Principal) -> Response:
     agents = await runtime(request).agent_registry.list_agents()
     return JSONResponse({"agents": [agent_view(agent, connected) for agent, connected in agents]})
 
 
-async def create_agent(request: Request) -> Response:
-    await require_admin(request)
+@requires("agents:admin")
+async def create_agent(request: Request, principal: Principal) -> Response:
     spec = await _decode(request, AgentCreate)
     agent, token = await runtime(request).agent_registry.create(spec.name, spec.labels, spec.capacity)
     return JSONResponse(
@@ -66,10 +67,10 @@ async def create_agent(request: Request) -> Response:
     )
 
 
-async def update_agent(request: Request) -> Response:
+@requires("agents:admin")
+async def update_agent(request: Request, principal: Principal) -> Response:
     """Change an agent's registered labels and capacity. A connected agent whose grant changes is
     made to reconnect (close 1001), so that its welcome carries the new grant."""
-    await require_admin(request)
     change = await _decode(request, AgentUpdate)
     try:
         agent, connected = await runtime(request).agent_registry.update(
@@ -82,8 +83,8 @@ async def update_agent(request: Request) -> Response:
     return JSONResponse(agent_view(agent, connected))
 
 
-async def revoke_agent(request: Request) -> Response:
-    await require_admin(request)
+@requires("agents:admin")
+async def revoke_agent(request: Request, principal: Principal) -> Response:
     try:
         agent = await runtime(request).agent_registry.revoke(request.path_params["agent_id"])
     except AgentNotFound:
@@ -91,9 +92,9 @@ async def revoke_agent(request: Request) -> Response:
     return JSONResponse(agent_view(agent, False))
 
 
-async def drain_agent(request: Request) -> Response:
+@requires("agents:admin")
+async def drain_agent(request: Request, principal: Principal) -> Response:
     """Ask the agent to finish its running jobs, take no new ones, and disconnect."""
-    await require_admin(request)
     try:
         agent, connected = await runtime(request).agent_registry.drain(request.path_params["agent_id"])
     except AgentNotFound:

@@ -1,38 +1,95 @@
-"""Authentication of HTTP requests."""
+"""Authentication of HTTP requests, and the one place a route says what it needs.
+
+Every route's endpoint is made with `requires(...)` (a scope, AUTHENTICATED or PUBLIC); the
+route table test (tests/unit/test_route_scopes.py) walks the app and refuses a route without.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import ClientDisconnect, HTTPConnection, Request
+from starlette.responses import Response
 
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.runtime import Runtime
+from yardmaster.server.security import tokens
 from yardmaster.server.security.principals import Principal, bearer_token, principal_for_api_key
+from yardmaster.server.security.scopes import AUTHENTICATED, PUBLIC, Requirement
 
 log = logging.getLogger("yardmaster.api")
 
+_BEARER = {"WWW-Authenticate": "Bearer"}
 
-def runtime(request: Request) -> Runtime:
+Endpoint = Callable[[Request], Awaitable[Response]]
+PrincipalEndpoint = Callable[[Request, Principal], Awaitable[Response]]
+
+
+def runtime(request: HTTPConnection) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
-async def require_principal(request: Request) -> Principal:
-    token = bearer_token(request.headers.get("authorization"))
-    if token is None:
-        raise ApiError(401, "unauthorized", "missing Authorization: Bearer <API key>", headers={"WWW-Authenticate": "Bearer"})
+async def authenticate(request: HTTPConnection) -> Principal | None:
+    """The caller of an HTTP request or WebSocket handshake: an API key or an access token as
+    `Authorization: Bearer`, else the session cookie (which, for a state-changing request, must
+    also pass the CSRF check)."""
     rt = runtime(request)
-    principal = await principal_for_api_key(rt.store, token, rt.principal_cache)
+    header = request.headers.get("authorization")
+    if header is not None:
+        token = bearer_token(header)
+        if token is None:
+            return None
+        if token.startswith(tokens.PREFIXES["api-key"]):
+            return await principal_for_api_key(rt.store, token, rt.principal_cache)
+        return await rt.sessions.principal_for_access_token(token)
+    return await rt.sessions.principal_from_cookies(request)
+
+
+async def require_principal(request: Request) -> Principal:
+    principal = await authenticate(request)
     if principal is None:
-        raise ApiError(401, "unauthorized", "invalid, revoked or expired API key", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401, "unauthorized", "a valid API key or access token is required (Authorization: Bearer …)", headers=_BEARER
+        )
     return principal
 
 
-async def require_admin(request: Request) -> Principal:
-    principal = await require_principal(request)
-    if not principal.is_admin:
-        raise ApiError(403, "forbidden", "admin role required")
-    return principal
+def requires(requirement: Requirement) -> Callable[[PrincipalEndpoint], Endpoint]:
+    """Make an endpoint that authenticates the caller, checks `requirement` (a scope, or
+    AUTHENTICATED for any valid credential) and passes the principal on."""
+
+    def wrap(fn: PrincipalEndpoint) -> Endpoint:
+        @functools.wraps(fn)
+        async def endpoint(request: Request) -> Response:
+            principal = await require_principal(request)
+            if requirement != AUTHENTICATED and not principal.may(requirement):
+                raise ApiError(403, "forbidden", f"this credential lacks the {requirement} scope")
+            return await fn(request, principal)
+
+        endpoint.requirement = requirement  # type: ignore[attr-defined]
+        return endpoint
+
+    return wrap
+
+
+def public(fn: Endpoint) -> Endpoint:
+    """An endpoint anyone may call, without a credential."""
+    fn.requirement = PUBLIC  # type: ignore[attr-defined]
+    return fn
+
+
+def requirement_of(endpoint: Any) -> str | None:
+    """What a route's endpoint declared with `requires` or `public` (None: nothing)."""
+    value = getattr(endpoint, "requirement", None)
+    return value if isinstance(value, str) else None
+
+
+def client_address(request: Request) -> str | None:
+    """The caller's address (behind YM_TRUSTED_PROXIES, the one they forwarded)."""
+    return request.client.host if request.client is not None else None
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -6,13 +6,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from yardmaster.server.api.auth import require_admin, runtime
+from yardmaster.server.api.auth import requires, runtime
 from yardmaster.server.backends.keys import PRESENCE_REPLICA, SCHEDULER_LOCK
 from yardmaster.server.core.presence import ReplicaPresence, decode_presence
+from yardmaster.server.security.principals import Principal
 
 
-async def cluster(request: Request) -> Response:
-    await require_admin(request)
+@requires("agents:admin")
+async def cluster(request: Request, principal: Principal) -> Response:
     rt = runtime(request)
     replicas = {
         replica: decode_presence(raw, ReplicaPresence)

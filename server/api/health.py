@@ -11,18 +11,22 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from yardmaster.protocol.jobs import JOB_STATES
-from yardmaster.server.api.auth import require_principal, runtime
+from yardmaster.server.api.auth import public, requires, runtime
 from yardmaster.server.backends.base import BackendUnavailable
+from yardmaster.server.security.principals import Principal
+from yardmaster.server.security.scopes import AUTHENTICATED
 
 log = logging.getLogger("yardmaster.health")
 
 PROBE_TIMEOUT_S = 2.0
 
 
+@public
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
+@public
 async def readyz(request: Request) -> Response:
     rt = runtime(request)
     failing: dict[str, str] = {}
@@ -44,6 +48,7 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready", "leader": rt.scheduler.is_leader})
 
 
+@public
 async def metrics(request: Request) -> Response:
     rt = runtime(request)
     try:
@@ -56,8 +61,8 @@ async def metrics(request: Request) -> Response:
     return Response(rt.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-async def ws_ticket(request: Request) -> Response:
-    principal = await require_principal(request)
+@requires(AUTHENTICATED)
+async def ws_ticket(request: Request, principal: Principal) -> Response:
     rt = runtime(request)
     ticket = await rt.tickets.issue(principal)
     return JSONResponse({"ticket": ticket, "expires_in": rt.tickets.ttl_s}, status_code=201)

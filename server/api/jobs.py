@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from yardmaster.protocol.jobs import JOB_STATES, JobSpec, decode_spec_request, validation_field
-from yardmaster.server.api.auth import read_body, require_principal, runtime
+from yardmaster.server.api.auth import read_body, requires, runtime
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.api.views import job_view
 from yardmaster.server.backends.records import JobRecord
@@ -71,9 +71,9 @@ def decode_batch(body: bytes) -> list[JobSpec]:
     return [decode_spec(bytes(raw), i) for i, raw in enumerate(items)]
 
 
-async def submit_job(request: Request) -> Response:
+@requires("jobs:write")
+async def submit_job(request: Request, principal: Principal) -> Response:
     """One spec (a JSON object) or a batch (a JSON array of specs: all stored, or none)."""
-    principal = await require_principal(request)
     rt = runtime(request)
     body = await read_body(request, rt.settings.max_request_body_bytes)
     if body.lstrip()[:1] == b"[":
@@ -96,8 +96,8 @@ async def submit_batch(rt: Runtime, principal: Principal, specs: list[JobSpec]) 
     return Response(body, status_code=201, media_type="application/json")
 
 
-async def list_jobs(request: Request) -> Response:
-    principal = await require_principal(request)
+@requires("jobs:read")
+async def list_jobs(request: Request, principal: Principal) -> Response:
     states = request.query_params.getlist("state")
     for state in states:
         if state not in JOB_STATES:
@@ -116,13 +116,13 @@ async def list_jobs(request: Request) -> Response:
     )
 
 
-async def get_job(request: Request) -> Response:
-    principal = await require_principal(request)
+@requires("jobs:read")
+async def get_job(request: Request, principal: Principal) -> Response:
     return JSONResponse(job_view(await visible_job(request, principal), principal))
 
 
-async def cancel_job(request: Request) -> Response:
-    principal = await require_principal(request)
+@requires("jobs:write")
+async def cancel_job(request: Request, principal: Principal) -> Response:
     job = await visible_job(request, principal)
     try:
         job = await runtime(request).jobs.cancel(job.id, reason=f"cancelled by {principal.id}")
@@ -131,8 +131,8 @@ async def cancel_job(request: Request) -> Response:
     return JSONResponse(job_view(job, principal), status_code=202)
 
 
-async def job_logs(request: Request) -> Response:
-    principal = await require_principal(request)
+@requires("jobs:read")
+async def job_logs(request: Request, principal: Principal) -> Response:
     job = await visible_job(request, principal)
     from_offset = int_param(request, "from_offset", 0, 0, 2**62)
     limit = int_param(request, "limit", MAX_PAGE, 1, 10_000)

@@ -8,10 +8,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from yardmaster.server.api.auth import require_admin, runtime
+from yardmaster.server.api.auth import requires, runtime
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.api.views import rfc3339
 from yardmaster.server.backends.records import ApiKeyRecord
+from yardmaster.server.security.principals import Principal
+from yardmaster.server.security.scopes import AUTHENTICATED
 
 
 def key_view(key: ApiKeyRecord) -> dict[str, Any]:
@@ -28,16 +30,22 @@ def key_view(key: ApiKeyRecord) -> dict[str, Any]:
     }
 
 
-async def list_keys(request: Request) -> Response:
-    await require_admin(request)
-    keys = await runtime(request).keys.list()
+@requires(AUTHENTICATED)
+async def list_keys(request: Request, principal: Principal) -> Response:
+    everyone = request.query_params.get("all") == "true"
+    if everyone and not principal.may("users:admin"):
+        raise ApiError(403, "forbidden", "listing everyone's keys needs the users:admin scope")
+    keys = await runtime(request).keys.list(owner=None if everyone else principal.id)
     return JSONResponse({"keys": [key_view(k) for k in keys]})
 
 
-async def revoke_key(request: Request) -> Response:
+@requires(AUTHENTICATED)
+async def revoke_key(request: Request, principal: Principal) -> Response:
     """Refuses the key from now on and closes its client-channel sockets (4001) on every replica."""
-    await require_admin(request)
-    key = await runtime(request).keys.revoke(request.path_params["key_id"])
+    rt = runtime(request)
+    key_id = request.path_params["key_id"]
+    mine = principal.may("users:admin") or any(k.id == key_id for k in await rt.keys.list(owner=principal.id))
+    key = await rt.keys.revoke(key_id) if mine else None
     if key is None:
         raise ApiError(404, "not-found", "no such key")
     return JSONResponse(key_view(key))

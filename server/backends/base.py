@@ -10,7 +10,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from typing import Any, Protocol
 
-from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
+from yardmaster.server.backends.records import (
+    AgentRecord,
+    ApiKeyRecord,
+    AppendResult,
+    AuditRecord,
+    JobRecord,
+    LogEntry,
+    RefreshTokenRecord,
+    UserRecord,
+)
 
 _QUEUE_EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 _PRIORITY_BAND = 10**12  # ms: 31 years of FIFO positions per priority band
@@ -24,6 +33,14 @@ def queue_score(priority: int, enqueued_at: float) -> float:
 
 class BackendUnavailable(Exception):
     """The Broker or Store cannot be reached right now. Message names the component."""
+
+
+class Conflict(ValueError):
+    """A unique field of a record is taken (a username, an email, an OIDC identity)."""
+
+    def __init__(self, field: str) -> None:
+        super().__init__(f"{field} is already taken")
+        self.field = field
 
 
 class Subscription(Protocol):
@@ -86,6 +103,16 @@ class Broker(Protocol):
     async def delete_presence(self, kind: str, member: str, if_value: str | None = None) -> bool:
         """Delete the entry; with `if_value`, only if it still holds that value."""
 
+    # -- counters: integers with a TTL (throttling, rate limits) --------------------------------
+    async def incr_counter(self, name: str, ttl_ms: int, by: int = 1) -> int:
+        """Add `by` to the counter and return its value. A missing (or expired) counter starts
+        at 0 and lives `ttl_ms` from then; adding does not extend its life."""
+
+    async def get_counter(self, name: str) -> int:
+        """The counter's value; 0 when missing or expired."""
+
+    async def delete_counter(self, name: str) -> None: ...
+
     # -- pub/sub ----------------------------------------------------------------------------------
     async def publish(self, channel: str, data: bytes) -> None: ...
 
@@ -115,6 +142,52 @@ class Store(Protocol):
     async def revoke_api_key(self, key_id: str, at: float) -> ApiKeyRecord | None: ...
 
     async def touch_api_key(self, key_id: str, at: float) -> None: ...
+
+    # -- users -------------------------------------------------------------------------------------------
+    async def create_user(self, rec: UserRecord) -> None:
+        """Raises Conflict naming the field ("username", "email", "oidc_subject") already taken;
+        username and email compare casefolded."""
+
+    async def get_user(self, user_id: str) -> UserRecord | None: ...
+
+    async def find_user(self, login: str) -> UserRecord | None:
+        """The user whose username or email is `login`, compared casefolded."""
+
+    async def get_user_by_identity(self, issuer: str, subject: str) -> UserRecord | None: ...
+
+    async def list_users(self, *, limit: int = 100, after: str | None = None) -> list[UserRecord]:
+        """By id, ascending; `after` is the last id of the previous page."""
+
+    async def update_user(self, user_id: str, changes: Mapping[str, Any]) -> UserRecord | None:
+        """Apply validated changes; None if unknown; Conflict as in create_user."""
+
+    async def delete_user(self, user_id: str) -> bool: ...
+
+    # -- refresh tokens ------------------------------------------------------------------------------
+    async def put_refresh_token(self, rec: RefreshTokenRecord) -> None: ...
+
+    async def spend_refresh_token(self, token_hash: str, at: float) -> RefreshTokenRecord | None:
+        """Atomically mark the token used at `at` if it is neither used nor revoked. Returns the
+        record as it was before this call (so a caller sees an earlier use or a revocation), or
+        None for an unknown token. Exactly one of two concurrent callers sees used_at None."""
+
+    async def revoke_refresh_tokens(self, at: float, *, family_id: str | None = None, user_id: str | None = None) -> int:
+        """Revoke every unrevoked token of a family or of a user (one of the two); how many."""
+
+    # -- audit trail (append-only) -------------------------------------------------------------------
+    async def append_audit(self, rec: AuditRecord) -> None: ...
+
+    async def list_audit(
+        self,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        since: float | None = None,
+        before: str | None = None,
+        limit: int = 100,
+    ) -> list[AuditRecord]:
+        """Newest first; `before` is the last id of the previous page; `action` matches exactly
+        or, ending in ".", as a prefix ("key." matches "key.created")."""
 
     # -- agents -----------------------------------------------------------------------------------------
     async def put_agent(self, rec: AgentRecord) -> None: ...

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from yardmaster.server.backends.records import JobRecord
+from yardmaster.server.backends.records import AuditRecord, JobRecord, UserRecord
 
 T = TypeVar("T", bound=msgspec.Struct)
 
@@ -99,3 +99,19 @@ def job_changes(changes: Mapping[str, Any], fence_epoch: int | None) -> Mapping[
     if "id" in changes:
         raise ValueError("a job's id cannot change")
     return {**changes, "epoch": fence_epoch} if fence_epoch is not None else changes
+
+
+def user_keys(rec: UserRecord) -> tuple[str, str | None, str | None]:
+    """The unique keys of a user: casefolded username and email, and the OIDC identity."""
+    identity = None
+    if rec.oidc_issuer is not None and rec.oidc_subject is not None:
+        identity = f"{rec.oidc_issuer}\n{rec.oidc_subject}"
+    return rec.username.casefold(), None if rec.email is None else rec.email.casefold(), identity
+
+
+def audit_matches(rec: AuditRecord, actor: str | None, action: str | None, since: float | None) -> bool:
+    if actor is not None and rec.actor != actor:
+        return False
+    if action is not None and not (rec.action.startswith(action) if action.endswith(".") else rec.action == action):
+        return False
+    return since is None or rec.at >= since

@@ -42,7 +42,7 @@ DEFAULT_REDIS_PREFIX = "ym:"
 
 class RedisKeys:
     """queue, lock:<name>, epoch:<name>, presence:<kind>:<member>, presence-index:<kind>,
-    and channels ch:<channel>. Epoch keys have no TTL: fencing needs them to survive."""
+    counter:<name>, and channels ch:<channel>. Epoch keys have no TTL: fencing needs them to survive."""
 
     def __init__(self, prefix: str = DEFAULT_REDIS_PREFIX) -> None:
         self.prefix = prefix
@@ -59,6 +59,9 @@ class RedisKeys:
 
     def presence_index(self, kind: str) -> str:
         return f"{self.prefix}presence-index:{kind}"
+
+    def counter(self, name: str) -> str:
+        return f"{self.prefix}counter:{name}"
 
     def channel(self, channel: str) -> str:
         return f"{self.prefix}ch:{channel}"

@@ -104,6 +104,7 @@ class MemoryBroker:
         self._locks: dict[str, tuple[str, float]] = {}  # name -> (owner, expires_at)
         self._epochs: dict[str, int] = {}
         self._presence: dict[str, dict[str, tuple[str, float]]] = {}
+        self._counters: dict[str, tuple[int, float]] = {}  # name -> (value, expires_at)
         self._subs: dict[str, set[QueueSubscription]] = {}
 
     async def start(self) -> None:
@@ -213,6 +214,24 @@ class MemoryBroker:
             return False
         del self._presence[kind][member]
         return True
+
+    # -- counters ------------------------------------------------------------------------------
+    async def incr_counter(self, name: str, ttl_ms: int, by: int = 1) -> int:
+        now = time.monotonic()
+        value, expires_at = self._counters.get(name, (0, 0.0))
+        if expires_at <= now:
+            value, expires_at = 0, now + ttl_ms / 1000
+        self._counters[name] = (value + by, expires_at)
+        if len(self._counters) > 10_000:  # expired counters are dropped now and then, not on a timer
+            self._counters = {k: v for k, v in self._counters.items() if v[1] > now}
+        return value + by
+
+    async def get_counter(self, name: str) -> int:
+        value, expires_at = self._counters.get(name, (0, 0.0))
+        return value if expires_at > time.monotonic() else 0
+
+    async def delete_counter(self, name: str) -> None:
+        self._counters.pop(name, None)
 
     # -- pub/sub -------------------------------------------------------------------------------
     async def publish(self, channel: str, data: bytes) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -17,12 +17,61 @@ class ApiKeyRecord(msgspec.Struct, kw_only=True):
     token_hash: str  # hex SHA-256 of the whole token; the token itself is never stored
     hint: str  # prefix and last 4 characters, for listings ("ym_key_...Ab3x")
     name: str
-    owner: str  # principal id the key acts as
-    role: Role
+    owner: str  # id of the user the key acts as
+    role: Role  # the owner's role when the key was made; what the key may do is scopes ∩ the owner's role now
+    scopes: list[str] | None = None  # None: every scope of the role (keys made before scopes existed)
     created_at: float
     expires_at: float | None = None
     last_used_at: float | None = None
     revoked_at: float | None = None
+
+
+class UserRecord(msgspec.Struct, kw_only=True):
+    """An account. `username` and `email` are unique case-insensitively (the Store compares
+    their casefolded forms). `password_hash` is an Argon2id hash, None for a user who signs in
+    only through OIDC (or the bootstrap admin before a password is set)."""
+
+    id: str
+    username: str
+    email: str | None = None
+    first_name: str = ""
+    last_name: str = ""
+    image_url: str | None = None
+    phone: str | None = None
+    metadata: dict[str, Any] = {}
+    role: Role = "user"
+    password_hash: str | None = None
+    oidc_issuer: str | None = None
+    oidc_subject: str | None = None
+    created_at: float
+    last_login_at: float | None = None
+    disabled_at: float | None = None  # None: enabled
+
+
+class RefreshTokenRecord(msgspec.Struct, kw_only=True):
+    """One refresh token of a sign-in session. Every refresh spends the token and issues the next
+    one of the same `family_id`; presenting a spent token again revokes the whole family."""
+
+    id: str
+    family_id: str
+    user_id: str
+    token_hash: str  # hex SHA-256; the token itself is never stored
+    created_at: float
+    expires_at: float
+    used_at: float | None = None
+    revoked_at: float | None = None
+
+
+class AuditRecord(msgspec.Struct, kw_only=True):
+    """One entry of the append-only audit trail. `details` never holds a secret."""
+
+    id: str  # sorts by time (core.ids.new_id)
+    at: float
+    action: str  # e.g. "login.succeeded", "key.created", "user.disabled"
+    actor: str | None = None  # user id, None when unknown (a failed sign-in)
+    target: str | None = None  # id of the user, key, agent or job acted on
+    client_address: str | None = None
+    details: dict[str, Any] = {}
 
 
 class AgentRecord(msgspec.Struct, kw_only=True):

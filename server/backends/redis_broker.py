@@ -325,6 +325,25 @@ class RedisBroker:
             holder, epoch = await pipe.get(self._lock_keys(name)[0]).get(self._lock_keys(name)[1]).execute()
         return (holder.decode() if holder is not None else None), int(epoch or 0)
 
+    # -- counters ------------------------------------------------------------------------------------
+    @_redis_errors
+    async def incr_counter(self, name: str, ttl_ms: int, by: int = 1) -> int:
+        key = self._keys.counter(name)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.incrby(key, by)
+            pipe.pexpire(key, int(ttl_ms), nx=True)
+            value, _ = await pipe.execute()
+        return int(value)
+
+    @_redis_errors
+    async def get_counter(self, name: str) -> int:
+        value = await self._redis.get(self._keys.counter(name))
+        return 0 if value is None else int(value)
+
+    @_redis_errors
+    async def delete_counter(self, name: str) -> None:
+        await self._redis.delete(self._keys.counter(name))
+
     # -- presence ------------------------------------------------------------------------------------
     def _presence_keys(self, kind: str, member: str) -> list[str]:
         return [self._keys.presence(kind, member), self._keys.presence_index(kind)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, TypeVar, cast
 
 import msgspec
@@ -22,13 +22,30 @@ import msgspec
 from yardmaster.protocol.jobs import LEASED_STATES
 from yardmaster.protocol.messages import Stream
 from yardmaster.server.backends import logcap
-from yardmaster.server.backends.base import BackendUnavailable
-from yardmaster.server.backends.documents import apply_changes, check_increments, from_json, job_changes, matches, to_json
-from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
+from yardmaster.server.backends.base import BackendUnavailable, Conflict
+from yardmaster.server.backends.documents import (
+    apply_changes,
+    check_increments,
+    from_json,
+    job_changes,
+    matches,
+    to_json,
+    user_keys,
+)
+from yardmaster.server.backends.records import (
+    AgentRecord,
+    ApiKeyRecord,
+    AppendResult,
+    AuditRecord,
+    JobRecord,
+    LogEntry,
+    RefreshTokenRecord,
+    UserRecord,
+)
 from yardmaster.server.backends.sqlite_worker import SqliteWorker, Work
 from yardmaster.server.backends.stores import ensure_private_dir, ensure_private_file
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 T = TypeVar("T")
 R = TypeVar("R", ApiKeyRecord, AgentRecord)
@@ -79,6 +96,29 @@ CREATE TABLE IF NOT EXISTS logs (
 );
 CREATE TABLE IF NOT EXISTS log_stats (job_id TEXT PRIMARY KEY, stats TEXT NOT NULL);
 """
+
+
+def _migrate_to_2(db: sqlite3.Connection) -> None:
+    """Users, their sign-in sessions and the audit trail."""
+    for statement in (
+        "CREATE TABLE users (id TEXT PRIMARY KEY, username_key TEXT NOT NULL UNIQUE, email_key TEXT UNIQUE, "
+        "identity_key TEXT UNIQUE, doc TEXT NOT NULL)",
+        "CREATE TABLE refresh_tokens (id TEXT PRIMARY KEY, token_hash TEXT NOT NULL UNIQUE, family_id TEXT NOT NULL, "
+        "user_id TEXT NOT NULL, doc TEXT NOT NULL)",
+        "CREATE INDEX refresh_tokens_family ON refresh_tokens (family_id)",
+        "CREATE INDEX refresh_tokens_user ON refresh_tokens (user_id)",
+        "CREATE TABLE audit (id TEXT PRIMARY KEY, at REAL NOT NULL, actor TEXT, action TEXT NOT NULL, doc TEXT NOT NULL)",
+        "CREATE INDEX audit_actor ON audit (actor, id)",
+        "CREATE INDEX audit_action ON audit (action, id)",
+        "CREATE INDEX audit_at ON audit (at)",
+    ):
+        db.execute(statement)
+
+
+# MIGRATIONS[n] takes a database at schema version n - 1 to version n, inside the transaction
+# that records n. The schema above is version 1: a new file runs every migration.
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {2: _migrate_to_2}
+assert sorted(MIGRATIONS) == list(range(2, SCHEMA_VERSION + 1))
 
 _JOB_COLUMNS = "id, owner, state, agent_id, lease_expires_at, deadline, doc"
 _INSERT_JOB = f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -192,6 +232,130 @@ class SqliteStore:
             db.execute("UPDATE api_keys SET doc = ? WHERE id = ?", (_doc(rec), key_id))
 
         await self._write(touch)
+
+    # -- users --------------------------------------------------------------------------------------
+    async def create_user(self, rec: UserRecord) -> None:
+        await self._write(lambda db: _put_user(db, rec, insert=True))
+
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        row = await self._fetchone("SELECT doc FROM users WHERE id = ?", (user_id,))
+        return from_json(row[0], UserRecord) if row else None
+
+    async def find_user(self, login: str) -> UserRecord | None:
+        key = login.casefold()
+        row = await self._fetchone(
+            "SELECT doc FROM users WHERE username_key = ? UNION ALL SELECT doc FROM users WHERE email_key = ? LIMIT 1",
+            (key, key),
+        )
+        return from_json(row[0], UserRecord) if row else None
+
+    async def get_user_by_identity(self, issuer: str, subject: str) -> UserRecord | None:
+        row = await self._fetchone("SELECT doc FROM users WHERE identity_key = ?", (f"{issuer}\n{subject}",))
+        return from_json(row[0], UserRecord) if row else None
+
+    async def list_users(self, *, limit: int = 100, after: str | None = None) -> list[UserRecord]:
+        rows = await self._fetchall(
+            "SELECT doc FROM users WHERE id > ? ORDER BY id LIMIT ?", ("" if after is None else after, max(0, limit))
+        )
+        return [from_json(r[0], UserRecord) for r in rows]
+
+    async def update_user(self, user_id: str, changes: Mapping[str, Any]) -> UserRecord | None:
+        if "id" in changes:
+            raise ValueError("a user's id cannot change")
+
+        def update(db: sqlite3.Connection) -> UserRecord | None:
+            rec = _load(db, "users", user_id, UserRecord)
+            if rec is None:
+                return None
+            rec = apply_changes(rec, changes)
+            _put_user(db, rec, insert=False)
+            return rec
+
+        return await self._write(update)
+
+    async def delete_user(self, user_id: str) -> bool:
+        return await self._write(lambda db: db.execute("DELETE FROM users WHERE id = ?", (user_id,)).rowcount > 0)
+
+    # -- refresh tokens -----------------------------------------------------------------------------
+    async def put_refresh_token(self, rec: RefreshTokenRecord) -> None:
+        await self._write(
+            _statement(
+                "INSERT INTO refresh_tokens (id, token_hash, family_id, user_id, doc) VALUES (?, ?, ?, ?, ?)",
+                (rec.id, rec.token_hash, rec.family_id, rec.user_id, _doc(rec)),
+            )
+        )
+
+    async def spend_refresh_token(self, token_hash: str, at: float) -> RefreshTokenRecord | None:
+        def spend(db: sqlite3.Connection) -> RefreshTokenRecord | None:
+            row = db.execute("SELECT doc FROM refresh_tokens WHERE token_hash = ?", (token_hash,)).fetchone()
+            if row is None:
+                return None
+            rec = from_json(row[0], RefreshTokenRecord)
+            if rec.used_at is None and rec.revoked_at is None:
+                used = apply_changes(rec, {"used_at": at})
+                db.execute("UPDATE refresh_tokens SET doc = ? WHERE id = ?", (_doc(used), rec.id))
+            return rec
+
+        return await self._write(spend)
+
+    async def revoke_refresh_tokens(self, at: float, *, family_id: str | None = None, user_id: str | None = None) -> int:
+        if (family_id is None) == (user_id is None):
+            raise ValueError("revoke the tokens of one family or of one user")
+        column, value = ("family_id", family_id) if family_id is not None else ("user_id", user_id)
+
+        def revoke(db: sqlite3.Connection) -> int:
+            rows = db.execute(f"SELECT doc FROM refresh_tokens WHERE {column} = ?", (value,)).fetchall()
+            count = 0
+            for (doc,) in rows:
+                rec = from_json(doc, RefreshTokenRecord)
+                if rec.revoked_at is None:
+                    db.execute("UPDATE refresh_tokens SET doc = ? WHERE id = ?", (_doc(apply_changes(rec, {"revoked_at": at})), rec.id))
+                    count += 1
+            return count
+
+        return await self._write(revoke)
+
+    # -- audit trail --------------------------------------------------------------------------------
+    async def append_audit(self, rec: AuditRecord) -> None:
+        await self._write(
+            _statement(
+                "INSERT INTO audit (id, at, actor, action, doc) VALUES (?, ?, ?, ?, ?)",
+                (rec.id, rec.at, rec.actor, rec.action, _doc(rec)),
+            )
+        )
+
+    async def list_audit(
+        self,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        since: float | None = None,
+        before: str | None = None,
+        limit: int = 100,
+    ) -> list[AuditRecord]:
+        where: list[str] = []
+        params: list[Any] = []
+        if actor is not None:
+            where.append("actor = ?")
+            params.append(actor)
+        if action is not None:
+            if action.endswith("."):
+                # A prefix: the range [action, action + U+FFFF) uses the index, unlike LIKE.
+                where.append("action >= ? AND action < ?")
+                params += [action, action + "\uffff"]
+            else:
+                where.append("action = ?")
+                params.append(action)
+        if since is not None:
+            where.append("at >= ?")
+            params.append(since)
+        if before is not None:
+            where.append("id < ?")
+            params.append(before)
+        sql = "SELECT doc FROM audit" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY id DESC LIMIT ?"
+        params.append(max(0, limit))
+        rows = await self._fetchall(sql, tuple(params))
+        return [from_json(r[0], AuditRecord) for r in rows]
 
     # -- agents -----------------------------------------------------------------------------------
     async def put_agent(self, rec: AgentRecord) -> None:
@@ -444,21 +608,52 @@ def _statement(sql: str, *rows: tuple[Any, ...]) -> Work[None]:
 
 
 def _create_schema(db: sqlite3.Connection) -> int:
-    """Create what is missing; the schema version found (or written)."""
+    """Create version 1 where nothing exists, run the migrations the file has not had (in this
+    transaction: another process starting at once waits, then finds them done); the version now.
+    A version above SCHEMA_VERSION is returned untouched (a newer server wrote this file)."""
     # executescript() would COMMIT first; run the statements one by one instead.
     for statement in _SCHEMA.split(";"):
         if statement.strip():
             db.execute(statement)
-    version = _meta(db, "schema_version")
-    if version is None:
-        db.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?)", (SCHEMA_VERSION,))
-        return SCHEMA_VERSION
+    version = _meta(db, "schema_version") or 1
+    for target in range(version + 1, SCHEMA_VERSION + 1):
+        MIGRATIONS[target](db)
+        version = target
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (version,),
+    )
     return version
 
 
 def _load(db: sqlite3.Connection, table: str, key: str, cls: type[T]) -> T | None:
     row = db.execute(f"SELECT doc FROM {table} WHERE id = ?", (key,)).fetchone()
     return from_json(row[0], cls) if row else None  # type: ignore[type-var]
+
+
+def _put_user(db: sqlite3.Connection, rec: UserRecord, *, insert: bool) -> None:
+    username_key, email_key, identity_key = user_keys(rec)
+    try:
+        if insert:
+            db.execute(
+                "INSERT INTO users (id, username_key, email_key, identity_key, doc) VALUES (?, ?, ?, ?, ?)",
+                (rec.id, username_key, email_key, identity_key, _doc(rec)),
+            )
+        else:
+            db.execute(
+                "UPDATE users SET username_key = ?, email_key = ?, identity_key = ?, doc = ? WHERE id = ?",
+                (username_key, email_key, identity_key, _doc(rec), rec.id),
+            )
+    except sqlite3.IntegrityError as exc:
+        message = str(exc)
+        field = next(
+            (f for column, f in _USER_UNIQUE.items() if f"users.{column}" in message),
+            "id",
+        )
+        raise Conflict(field) from None
+
+
+_USER_UNIQUE = {"username_key": "username", "email_key": "email", "identity_key": "oidc_subject", "id": "id"}
 
 
 def _meta(db: sqlite3.Connection, key: str) -> int | None:

@@ -32,7 +32,8 @@ from yardmaster.server.backends.keys import ALL_JOBS_CHANNEL, job_channel, owner
 from yardmaster.server.core.events import EventHeader, log_message, state_message
 from yardmaster.server.observability.middleware import WEBSOCKET_HANDOFF
 from yardmaster.server.runtime import Runtime
-from yardmaster.server.security.principals import Principal, bearer_token, principal_for_api_key
+from yardmaster.server.api.auth import authenticate
+from yardmaster.server.security.principals import Principal
 
 log = logging.getLogger("yardmaster.channels.client")
 
@@ -81,10 +82,9 @@ async def authenticate_client(rt: Runtime, websocket: WebSocket) -> Principal | 
         await deny(websocket, 403, "forbidden", "origin not allowed")
         return None
     if ticket is None:
-        token = bearer_token(websocket.headers.get("authorization"))
-        principal = await principal_for_api_key(rt.store, token, rt.principal_cache) if token else None
+        principal = await authenticate(websocket)
     if principal is None:
-        await deny(websocket, 401, "unauthorized", "a valid ticket or API key is required")
+        await deny(websocket, 401, "unauthorized", "a valid ticket, API key, access token or session cookie is required")
     return principal
 
 

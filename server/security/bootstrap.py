@@ -15,8 +15,8 @@ import os
 import time
 from pathlib import Path
 
-from yardmaster.server.backends.base import Store
-from yardmaster.server.backends.records import ApiKeyRecord
+from yardmaster.server.backends.base import Conflict, Store
+from yardmaster.server.backends.records import ApiKeyRecord, UserRecord
 from yardmaster.server.backends.stores import ensure_private_dir
 from yardmaster.server.core.ids import new_id
 from yardmaster.server.core.keys import KeyService
@@ -25,7 +25,8 @@ from yardmaster.server.settings import Settings
 
 log = logging.getLogger("yardmaster.bootstrap")
 
-ADMIN_OWNER = "admin"
+ADMIN_OWNER = "admin"  # id of the bootstrap admin user, whom every bootstrap key belongs to
+ADMIN_USERNAMES = ("admin", "bootstrap-admin")  # the second if someone else took "admin"
 ADMIN_KEY_FILE = "admin-key"
 ENV_KEY_NAME = "admin (YM_ADMIN_KEY)"
 FIRST_START_NAME = "admin (first start)"
@@ -57,8 +58,23 @@ async def _put_key(store: Store, token: str, name: str) -> None:
             raise
 
 
+async def ensure_admin_user(store: Store) -> None:
+    """The bootstrap admin user exists (made on first start; replicas starting at once agree)."""
+    if await store.get_user(ADMIN_OWNER) is not None:
+        return
+    for username in ADMIN_USERNAMES:
+        try:
+            await store.create_user(UserRecord(id=ADMIN_OWNER, username=username, role="admin", created_at=time.time()))
+            return
+        except Conflict as exc:
+            if exc.field == "id":
+                return  # another replica made it first
+    raise AdminKeyError(f"cannot create the bootstrap admin user: the usernames {', '.join(ADMIN_USERNAMES)} are taken")
+
+
 async def ensure_admin_key(store: Store, keys: KeyService, settings: Settings) -> str | None:
     """Make sure an admin can log in. Returns a newly created key (to print once), else None."""
+    await ensure_admin_user(store)
     if settings.admin_key:
         await _use_configured_key(store, keys, settings)
         return None

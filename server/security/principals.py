@@ -4,24 +4,40 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Literal
 
 import msgspec
 
 from yardmaster.server.backends.base import Store
-from yardmaster.server.backends.records import ApiKeyRecord, Role
+from yardmaster.server.backends.records import ApiKeyRecord, Role, UserRecord
+from yardmaster.server.security import scopes as scope_rules
 from yardmaster.server.security import tokens
+
+Credential = Literal["api-key", "access-token"]
 
 
 class Principal(msgspec.Struct, frozen=True, kw_only=True):
+    """Who is calling: a user (`id`), with their role now and the scopes of the credential used.
+    `key_id` names the API key, `token_id` the access token's `jti` (with its expiry), so that
+    revoking either reaches the sockets and tickets made with it."""
+
     id: str
     role: Role
+    scopes: frozenset[str] = frozenset()
+    credential: Credential = "api-key"
     key_id: str | None = None
+    token_id: str | None = None
+    token_expires_at: float | None = None
 
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
 
+    def may(self, scope: str) -> bool:
+        return scope in self.scopes
+
     def may_see(self, owner: str) -> bool:
+        """Whether a resource of `owner` is visible: one's own, or anyone's for an admin."""
         return self.is_admin or owner == self.id
 
 
@@ -103,13 +119,23 @@ async def principal_for_api_key(store: Store, token: str, cache: PrincipalCache 
         return None
     if not key_usable(rec, now):
         return None
+    user = await store.get_user(rec.owner)
+    if user is None or user.disabled_at is not None:
+        return None  # a disabled or deleted user's keys stop working with them
     # Only on a Store read: with the cache, last_used_at is at most TOUCH_EVERY_S + ttl_s old.
     if rec.last_used_at is None or now - rec.last_used_at > TOUCH_EVERY_S:
         await store.touch_api_key(rec.id, now)
-    principal = Principal(id=rec.owner, role=rec.role, key_id=rec.id)
+    principal = principal_for_key(rec, user)
     if cache is not None:
         cache.put(digest, principal, rec.expires_at, generation)
     return principal
+
+
+def principal_for_key(rec: ApiKeyRecord, user: UserRecord) -> Principal:
+    """A key acts as its user with the user's role now, never beyond the key's own scopes."""
+    return Principal(
+        id=user.id, role=user.role, scopes=scope_rules.effective(user.role, rec.scopes), credential="api-key", key_id=rec.id
+    )
 
 
 def key_usable(rec: ApiKeyRecord, now: float) -> bool:
@@ -117,10 +143,17 @@ def key_usable(rec: ApiKeyRecord, now: float) -> bool:
 
 
 async def still_valid(store: Store, principal: Principal) -> bool:
-    """Whether the key a principal was made from (e.g. when a ticket was issued) still works."""
+    """Whether the credential a principal was made from (e.g. when a ticket was issued) still
+    works as far as the Store knows: its user is enabled, its key unrevoked and unexpired, its
+    access token unexpired. (A logged-out access token's denylist lives in the Broker.)"""
+    user = await store.get_user(principal.id)
+    if user is None or user.disabled_at is not None:
+        return False
+    now = time.time()
+    if principal.token_expires_at is not None and principal.token_expires_at <= now:
+        return False
     if principal.key_id is None:
         return True
-    now = time.time()
     return any(k.id == principal.key_id and key_usable(k, now) for k in await store.list_api_keys(owner=principal.id))
 
 

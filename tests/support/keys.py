@@ -9,14 +9,15 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from tests.support.cluster import ServerProcess
-from yardmaster.server.backends.records import ApiKeyRecord, Role
+from yardmaster.server.backends.base import Conflict
+from yardmaster.server.backends.records import ApiKeyRecord, Role, UserRecord
 from yardmaster.server.backends.sqlite_store import SqliteStore
 from yardmaster.server.security import tokens
 
 
 def put_key(server: ServerProcess, owner: str, role: Role) -> tuple[str, str]:
-    """A key of another principal, written straight into the server's SQLite file (shared by
-    processes on one host): no API makes keys yet. Returns (token, key id)."""
+    """A key of user `owner` (made too if missing, with `role`), written straight into the
+    server's SQLite file (shared by processes on one host). Returns (token, key id)."""
     token = tokens.new_token("api-key")
     record = ApiKeyRecord(
         id=f"key_{owner}", token_hash=tokens.token_hash(token), hint=tokens.hint(token), name=owner,
@@ -27,6 +28,10 @@ def put_key(server: ServerProcess, owner: str, role: Role) -> tuple[str, str]:
         store = SqliteStore(str(server.data_dir / "yardmaster.db"))
         await store.start()
         try:
+            try:
+                await store.create_user(UserRecord(id=owner, username=owner, role=role, created_at=time.time()))
+            except Conflict:
+                pass
             await store.put_api_key(record)
         finally:
             await store.close()

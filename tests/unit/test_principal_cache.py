@@ -8,14 +8,15 @@ import time
 from pathlib import Path
 
 from yardmaster.server.backends.memory_broker import MemoryBroker
-from yardmaster.server.backends.records import ApiKeyRecord
+from yardmaster.server.backends.records import ApiKeyRecord, UserRecord
 from yardmaster.server.backends.sqlite_store import SqliteStore
 from yardmaster.server.core.client_sockets import ClientSockets, Revocation
 from yardmaster.server.security import tokens
 from yardmaster.server.security.principals import Principal, PrincipalCache, principal_for_api_key
+from yardmaster.server.security.scopes import ROLE_SCOPES
 
 NOW = 1_750_000_000.0
-ALICE_1 = Principal(id="alice", role="user", key_id="key_1")
+ALICE_1 = Principal(id="alice", role="user", scopes=ROLE_SCOPES["user"], key_id="key_1")
 ALICE_2 = Principal(id="alice", role="user", key_id="key_2")
 BOB = Principal(id="bob", role="user", key_id="key_3")
 
@@ -93,6 +94,7 @@ async def test_a_cached_key_skips_the_store_until_its_revocation_is_heard(tmp_pa
     store = CountingStore(str(tmp_path / "keys.db"))
     await store.start()
     token = tokens.new_token("api-key")
+    await store.create_user(UserRecord(id="alice", username="alice", created_at=time.time()))
     await store.put_api_key(
         ApiKeyRecord(id="key_1", token_hash=tokens.token_hash(token), hint=tokens.hint(token), name="a",
                      owner="alice", role="user", created_at=time.time())
