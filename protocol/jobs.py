@@ -106,8 +106,8 @@ def result_event(state: FinalState) -> JobEvent:
 
 # ---- specs -----------------------------------------------------------------------------------
 
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_LABEL = r"^[A-Za-z0-9][A-Za-z0-9_.:/=-]{0,127}$"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*\Z")
+_LABEL = r"^[A-Za-z0-9][A-Za-z0-9_.:/=-]{0,127}\Z"
 
 Label = Annotated[str, msgspec.Meta(pattern=_LABEL)]
 Priority = Annotated[int, msgspec.Meta(ge=-1000, le=1000)]
@@ -136,7 +136,7 @@ class JobSpec(msgspec.Struct, kw_only=True):
     priority: Priority = 0
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     # Hardening is on by default; these are the explicit, validated ways to loosen it.
-    user: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,10}(:[0-9]{1,10})?$")] = "65534:65534"
+    user: Annotated[str, msgspec.Meta(pattern=r"^[0-9]{1,10}(:[0-9]{1,10})?\Z")] = "65534:65534"
     read_only_rootfs: bool = True
     # "process" runs unsandboxed on a `--executor process` agent: only a job that asks for it
     # is placed there, and such an agent takes no other job.

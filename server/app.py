@@ -13,6 +13,10 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import WebSocketRoute
 
 from yardmaster.server.api import agents, cluster, health, jobs, keys
+from yardmaster.server.api import auth_routes
+from yardmaster.server.api import audit as audit_routes
+from yardmaster.server.api import users as user_routes
+from yardmaster.server.api import oidc_routes
 from yardmaster.server.api.errors import EXCEPTION_HANDLERS
 from yardmaster.server.backends import make_broker
 from yardmaster.server.backends.base import Broker, Store
@@ -73,6 +77,10 @@ def build_app(
         *agents.routes,
         *cluster.routes,
         *keys.routes,
+        *auth_routes.routes,
+        *audit_routes.routes,
+        *user_routes.routes,
+        *oidc_routes.routes,
         WebSocketRoute("/ws/agent", agent_endpoint),
         WebSocketRoute("/ws/client", client_endpoint),
     ]
@@ -88,8 +96,10 @@ def build_app(
             Middleware(
                 CORSMiddleware,
                 allow_origins=list(settings.allowed_origins),
-                allow_methods=["GET", "POST", "DELETE"],
-                allow_headers=["Authorization", "Content-Type", "X-Request-ID"],
+                allow_methods=["GET", "POST", "PATCH", "DELETE"],
+                allow_headers=["Authorization", "Content-Type", "X-Request-ID", "X-CSRF-Token"],
+                # Session cookies on cross-origin calls from the listed origins (never with "*").
+                allow_credentials="*" not in settings.allowed_origins,
                 expose_headers=["X-Request-ID", "X-Next-Offset"],
             )
         )

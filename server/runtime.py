@@ -24,7 +24,9 @@ from yardmaster.server.security.tickets import TicketService
 from yardmaster.server.security.principals import Principal, PrincipalCache, still_valid
 from yardmaster.server.core.keys import KeyService
 from yardmaster.server.core.audit import AuditLog
+from yardmaster.server.core.users import UserService
 from yardmaster.server.security.sessions import SessionService
+from yardmaster.server.security.oidc import OidcService
 from yardmaster.server.settings import Settings
 from yardmaster.protocol.close_codes import CloseCode
 
@@ -48,7 +50,9 @@ class Runtime:
         )
         self.keys = KeyService(store, self.client_sockets)
         self.audit = AuditLog(store)
-        self.sessions = SessionService()
+        self.users = UserService(store, self.keys, self.client_sockets, self.audit)
+        self.sessions = SessionService(s, store, broker, self.audit, self.principal_cache, self.client_sockets)
+        self.oidc = OidcService(s, broker, store, self.users, self.audit) if s.oidc else None
         self.agents = AgentHub(broker, self.metrics, self.replica_id, s.lease_s)
         self.agent_registry = AgentRegistry(store, self.agents, agents_changed=self._agents_changed)
         self.jobs = JobService(
@@ -85,6 +89,8 @@ class Runtime:
         self._presence_task: asyncio.Task[None] | None = None
 
     async def _key_still_valid(self, principal: Principal) -> bool:
+        if principal.token_id is not None and await self.sessions.is_denied(principal.token_id):
+            return False
         return await still_valid(self.store, principal)
 
     def wake_scheduler(self) -> None:
@@ -110,6 +116,8 @@ class Runtime:
         await self.scheduler.stop()
         await self.agents.close(CloseCode.RESTARTING, "server restarting")
         await self.topics.close()
+        await self.jobs.close()
+        await self.events.close()
         await self.client_sockets.close()
         try:
             await self.broker.delete_presence(PRESENCE_REPLICA, self.replica_id)

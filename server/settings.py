@@ -78,6 +78,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     allow_signup: bool = False  # POST /api/v1/auth/register open to anyone
     jwt_algorithm: Literal["EdDSA", "ES256", "HS256"] = "EdDSA"
     jwt_secret: str | None = None  # HS256 only: at least 32 characters, the same on every replica
+    jwt_private_key_file: str | None = None  # EdDSA/ES256: a PKCS#8 PEM shared by replicas on several hosts
     jwt_issuer: str = "yardmaster"
     jwt_audience: str = "yardmaster"
     access_token_ttl_s: Annotated[float, msgspec.Meta(ge=60, le=86_400)] = 900.0
@@ -180,6 +181,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("YM_JWT_SECRET: HS256 needs a secret of at least 32 characters")
     if s.jwt_algorithm != "HS256" and s.jwt_secret is not None:
         raise SettingsError("YM_JWT_SECRET: only used with YM_JWT_ALGORITHM=HS256 (EdDSA and ES256 keep a key pair in YM_DATA_DIR)")
+    if s.jwt_algorithm == "HS256" and s.jwt_private_key_file is not None:
+        raise SettingsError("YM_JWT_PRIVATE_KEY_FILE: only used with YM_JWT_ALGORITHM=EdDSA or ES256 (HS256 uses YM_JWT_SECRET)")
     oidc = {"YM_OIDC_ISSUER": s.oidc_issuer, "YM_OIDC_CLIENT_ID": s.oidc_client_id, "YM_OIDC_REDIRECT_URI": s.oidc_redirect_uri}
     if any(v is not None for v in oidc.values()) and any(v is None for v in oidc.values()):
         missing = next(name for name, v in oidc.items() if v is None)

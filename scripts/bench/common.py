@@ -482,7 +482,6 @@ def start_server(procs: Processes, name: str, redis: Redis | None = None, env: d
         full_env["PYTHONPATH"] = os.pathsep.join([shim, full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     child = procs.start(name, [sys.executable, "-m", "yardmaster.server.cli", "server"], full_env)
     server = Server(child, port, admin_key, redis)
-    profile(procs, child)
 
     def ready() -> bool:
         if not child.alive():
@@ -497,6 +496,9 @@ def start_server(procs: Processes, name: str, redis: Redis | None = None, env: d
         wait_until(ready, timeout, f"server {name} to be ready and lead")
     except BenchError as exc:
         raise BenchError(f"{exc}:\n{child.log_tail()}") from None
+    # Only once it serves: attached earlier, py-spy may catch the launcher before its exec and
+    # record nothing of the server.
+    profile(procs, child)
     return server
 
 

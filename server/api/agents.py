@@ -3,7 +3,7 @@ the decisions are core.agent_registry's."""
 
 from __future__ import annotations
 
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -11,7 +11,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from yardmaster.protocol.jobs import Label, validation_field
-from yardmaster.server.api.auth import read_body, requires, runtime
+from yardmaster.server.api.auth import client_address, read_body, requires, runtime
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.api.views import agent_view
 from yardmaster.server.core.agent_registry import MAX_CAPACITY, MAX_LABELS, AgentNotFound
@@ -22,7 +22,7 @@ Capacity = Annotated[int, msgspec.Meta(ge=0, le=MAX_CAPACITY)]
 
 
 class AgentCreate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")]
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*\Z")]
     labels: Labels = []
     capacity: Capacity = 2
 
@@ -51,6 +51,12 @@ def _not_found() -> ApiError:
     return ApiError(404, "not-found", "no such agent")
 
 
+async def _audit(request: Request, principal: Principal, action: str, agent_id: str, details: dict[str, Any]) -> None:
+    await runtime(request).audit.record(
+        action, actor=principal.id, target=agent_id, client_address=client_address(request), details=details
+    )
+
+
 @requires("jobs:read")
 async def list_agents(request: Request, principal: Principal) -> Response:
     agents = await runtime(request).agent_registry.list_agents()
@@ -61,6 +67,8 @@ async def list_agents(request: Request, principal: Principal) -> Response:
 async def create_agent(request: Request, principal: Principal) -> Response:
     spec = await _decode(request, AgentCreate)
     agent, token = await runtime(request).agent_registry.create(spec.name, spec.labels, spec.capacity)
+    details = {"name": agent.name, "labels": agent.labels, "capacity": agent.capacity}
+    await _audit(request, principal, "agent.created", agent.id, details)
     return JSONResponse(
         {"id": agent.id, "name": agent.name, "labels": agent.labels, "capacity": agent.capacity, "token": token},
         status_code=201,
@@ -80,6 +88,8 @@ async def update_agent(request: Request, principal: Principal) -> Response:
         )
     except AgentNotFound:
         raise _not_found() from None
+    changed = {k: v for k, v in msgspec.structs.asdict(change).items() if v is not msgspec.UNSET}
+    await _audit(request, principal, "agent.updated", agent.id, {"name": agent.name, **changed})
     return JSONResponse(agent_view(agent, connected))
 
 
@@ -89,6 +99,7 @@ async def revoke_agent(request: Request, principal: Principal) -> Response:
         agent = await runtime(request).agent_registry.revoke(request.path_params["agent_id"])
     except AgentNotFound:
         raise _not_found() from None
+    await _audit(request, principal, "agent.revoked", agent.id, {"name": agent.name})
     return JSONResponse(agent_view(agent, False))
 
 
@@ -99,6 +110,7 @@ async def drain_agent(request: Request, principal: Principal) -> Response:
         agent, connected = await runtime(request).agent_registry.drain(request.path_params["agent_id"])
     except AgentNotFound:
         raise _not_found() from None
+    await _audit(request, principal, "agent.drained", agent.id, {"name": agent.name, "connected": connected})
     return JSONResponse(agent_view(agent, connected), status_code=202)
 
 

@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from yardmaster.protocol.jobs import JOB_STATES, JobSpec, decode_spec_request, validation_field
-from yardmaster.server.api.auth import read_body, requires, runtime
+from yardmaster.server.api.auth import client_address, read_body, requires, runtime
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.api.views import job_view
 from yardmaster.server.backends.records import JobRecord
@@ -123,11 +123,20 @@ async def get_job(request: Request, principal: Principal) -> Response:
 
 @requires("jobs:write")
 async def cancel_job(request: Request, principal: Principal) -> Response:
+    rt = runtime(request)
     job = await visible_job(request, principal)
     try:
-        job = await runtime(request).jobs.cancel(job.id, reason=f"cancelled by {principal.id}")
+        job = await rt.jobs.cancel(job.id, reason=f"cancelled by {principal.id}")
     except JobAlreadyFinished as exc:
         raise ApiError(409, "already-finished", f"job is already {exc.job.state}") from None
+    if job.owner != principal.id:  # only an admin sees, so cancels, another user's job
+        await rt.audit.record(
+            "job.cancelled-by-admin",
+            actor=principal.id,
+            target=job.id,
+            client_address=client_address(request),
+            details={"owner": job.owner},
+        )
     return JSONResponse(job_view(job, principal), status_code=202)
 
 

@@ -8,6 +8,7 @@ in the Store; the Broker only speeds things up, it never decides correctness alo
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from yardmaster.server.backends.records import (
@@ -20,6 +21,18 @@ from yardmaster.server.backends.records import (
     RefreshTokenRecord,
     UserRecord,
 )
+
+@dataclass(frozen=True, slots=True)
+class JobUpdate:
+    """One compare-and-set of `Store.update_jobs`: the arguments of `Store.update_job`."""
+
+    job_id: str
+    expect_states: Collection[str]
+    changes: Mapping[str, Any]
+    expect_attempt: int | None = None
+    expect_agent: str | None = None
+    increments: Mapping[str, int] | None = None
+
 
 _QUEUE_EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
 _PRIORITY_BAND = 10**12  # ms: 31 years of FIFO positions per priority band
@@ -71,6 +84,9 @@ class Broker(Protocol):
 
     async def remove(self, job_id: str) -> bool:
         """Remove the job atomically; True only for the one caller that removed it."""
+
+    async def remove_many(self, job_ids: Collection[str]) -> None:
+        """`remove` each of them, in one round trip."""
 
     async def is_queued(self, job_id: str) -> bool: ...
 
@@ -241,6 +257,11 @@ class Store(Protocol):
         given), so a caller need not read the job first. With `fence_epoch`, the change also fails when a higher
         epoch has been recorded by `advance_fence` or an earlier fenced change, and records this
         epoch otherwise. Returns the updated record, or None when nothing changed."""
+
+    async def update_jobs(self, updates: Sequence[JobUpdate], *, fence_epoch: int | None = None) -> list[JobRecord | None]:
+        """Each update as `update_job` would make it, in order (a later one sees what the earlier
+        ones changed), in one round trip; the updated record or None for each. Each succeeds or
+        fails alone, except that with `fence_epoch` all of them fail when a higher epoch exists."""
 
     async def advance_fence(self, epoch: int) -> int:
         """Record that leader `epoch` exists; returns the highest epoch recorded."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from functools import cache
+import types
+import typing
 from typing import Any, TypeVar
 
 import msgspec
@@ -61,12 +63,38 @@ def change_document(cls: type[msgspec.Struct], changes: Mapping[str, Any]) -> di
     return out
 
 
+@cache
+def _plain_types(cls: type[msgspec.Struct]) -> dict[str, frozenset[type]]:
+    """Per field of `cls` whose type is made only of int, float, str, bool and None: those
+    types. A value of exactly one of them is valid as it is (no conversion, no copy)."""
+    plain: dict[str, frozenset[type]] = {}
+    for name, tp in _field_types(cls).items():
+        args = typing.get_args(tp) if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union else (tp,)
+        if args and all(a in _PLAIN for a in args):
+            plain[name] = frozenset(args)
+    return plain
+
+
+_PLAIN = (int, float, str, bool, type(None))
+
+
 def apply_changes(rec: T, changes: Mapping[str, Any], increments: Mapping[str, int] | None = None) -> T:
     """A copy of `rec` with `changes` applied (validated as in `change_document`) and
     `increments` added (see `check_increments`)."""
     cls = type(rec)
-    types = _field_types(cls)
-    values = {name: msgspec.convert(v, types[name]) for name, v in change_document(cls, changes).items()}
+    field_types = _field_types(cls)
+    plain = _plain_types(cls)
+    values: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for name, value in changes.items():
+        # The common case (a float timestamp, a str id, None) needs no validation round trip:
+        # this is on every compare-and-set of a job.
+        if type(value) in plain.get(name, ()):
+            values[name] = value
+        else:
+            rest[name] = value
+    for name, v in change_document(cls, rest).items():
+        values[name] = msgspec.convert(v, field_types[name])
     for name, step in check_increments(cls, increments).items():
         values[name] = values.get(name, getattr(rec, name)) + step
     return msgspec.structs.replace(rec, **values)

@@ -18,6 +18,7 @@ SCHEDULER_LOCK = "scheduler"
 PRESENCE_AGENT = "agent"  # agent id -> AgentPresence (which replica holds its socket)
 PRESENCE_REPLICA = "replica"  # replica id -> ReplicaPresence (host and pid)
 PRESENCE_TICKET = "ws-ticket"  # sha256(ticket) -> the principal the ticket stands for
+PRESENCE_OIDC_STATE = "oidc-state"  # sha256(state + browser binding) -> an OIDC sign-in under way
 
 ALL_JOBS_CHANNEL = "jobs:*"
 PRINCIPALS_CHANNEL = "principals"
@@ -33,6 +34,25 @@ def owner_channel(owner: str) -> str:
 
 def replica_channel(replica_id: str) -> str:
     return f"replica:{replica_id}"
+
+
+# Counters (values with a TTL) of sign-in: `subject` is a hash of a login name or client address.
+
+
+def login_failures_counter(kind: str, subject: str) -> str:
+    """Failed sign-ins of one account or address (`kind`) in the current window."""
+    return f"login-failures:{kind}:{subject}"
+
+
+def login_failed_at_counter(kind: str, subject: str, failure: int) -> str:
+    """When (ms since the epoch) the `failure`-th failure in the window happened; it lives as
+    long as the back-off after it."""
+    return f"login-failed-at:{kind}:{subject}:{failure}"
+
+
+def denied_token_counter(jti: str) -> str:
+    """A logged-out access token's id, until the token expires."""
+    return f"denied-token:{jti}"
 
 
 # ---- the Redis key layout (RedisBroker), all under one prefix ---------------------------------

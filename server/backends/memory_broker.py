@@ -142,6 +142,10 @@ class MemoryBroker:
         del self._queue[i]
         return True
 
+    async def remove_many(self, job_ids: Collection[str]) -> None:
+        for job_id in job_ids:
+            await self.remove(job_id)
+
     async def is_queued(self, job_id: str) -> bool:
         return job_id in self._scores
 

@@ -25,7 +25,7 @@ only), which this store does not require.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import msgspec
@@ -36,9 +36,26 @@ from pymongo.errors import BulkWriteError, ConnectionFailure, DuplicateKeyError,
 
 from yardmaster.protocol.jobs import LEASED_STATES
 from yardmaster.server.backends import logcap
-from yardmaster.server.backends.base import BackendUnavailable
-from yardmaster.server.backends.documents import check_increments, change_document, from_document, job_changes, to_document
-from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, AppendResult, JobRecord, LogEntry
+from yardmaster.server.backends.base import BackendUnavailable, Conflict, JobUpdate
+from yardmaster.server.backends.documents import (
+    apply_changes,
+    check_increments,
+    change_document,
+    from_document,
+    job_changes,
+    to_document,
+    user_keys,
+)
+from yardmaster.server.backends.records import (
+    AgentRecord,
+    ApiKeyRecord,
+    AppendResult,
+    AuditRecord,
+    JobRecord,
+    LogEntry,
+    RefreshTokenRecord,
+    UserRecord,
+)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -46,6 +63,7 @@ Doc = dict[str, Any]
 
 _LEASED = sorted(LEASED_STATES)
 _AFTER = ReturnDocument.AFTER
+_BEFORE = ReturnDocument.BEFORE
 _FENCE = "fence"
 _IDS_PER_QUERY = 50_000  # ids in one `$in` (a query document must stay under 16 MB)
 
@@ -67,6 +85,34 @@ def _with_id(rec: Any) -> Doc:
     doc = to_document(rec)
     doc["_id"] = rec.id
     return doc
+
+
+# Users carry their unique keys as extra fields (from_document ignores them): casefolded
+# username and email, and "issuer\nsubject" of the OIDC identity; None where there is none.
+_USERNAME_KEY = "username_key"
+_EMAIL_KEY = "email_key"
+_IDENTITY_KEY = "identity_key"
+_KEY_FIELDS = {_USERNAME_KEY: "username", _EMAIL_KEY: "email", _IDENTITY_KEY: "oidc_subject", "_id": "id"}
+
+
+def _user_key_fields(rec: UserRecord) -> Doc:
+    username, email, identity = user_keys(rec)
+    return {_USERNAME_KEY: username, _EMAIL_KEY: email, _IDENTITY_KEY: identity}
+
+
+def _conflicting_field(exc: DuplicateKeyError) -> str:
+    """The record field whose unique index refused a write (from the server's key pattern, or
+    from the index name in its message on servers that do not send one)."""
+    details = exc.details or {}
+    pattern = details.get("keyPattern") or {}
+    for key in pattern:
+        if key in _KEY_FIELDS:
+            return _KEY_FIELDS[key]
+    message = str(details.get("errmsg", exc))
+    for key, field in _KEY_FIELDS.items():
+        if f"index: {key}_" in message:
+            return field
+    return "id"
 
 
 class MongoStore:
@@ -97,6 +143,7 @@ class MongoStore:
         await jobs.create_index([("agent_id", ASCENDING), ("state", ASCENDING)])
         await jobs.create_index([("state", ASCENDING), ("lease_expires_at", ASCENDING)])
         await jobs.create_index([("state", ASCENDING), ("deadline", ASCENDING)])
+        await self._create_user_indexes()
         logs = self._c("logs")
         await logs.create_index([("job_id", ASCENDING), ("offset", ASCENDING)], unique=True)
         await logs.create_index([("job_id", ASCENDING), ("attempt", ASCENDING), ("seq", ASCENDING)], unique=True)
@@ -118,6 +165,21 @@ class MongoStore:
             await self._client.admin.command("ping")
         except PyMongoError as exc:
             raise BackendUnavailable(f"MongoDB store: {exc}") from exc
+
+    async def _create_user_indexes(self) -> None:
+        users = self._c("users")
+        await users.create_index(_USERNAME_KEY, unique=True)
+        # Partial: many users have no email or OIDC identity, and a unique index counts nulls.
+        for key in (_EMAIL_KEY, _IDENTITY_KEY):
+            await users.create_index(key, unique=True, partialFilterExpression={key: {"$type": "string"}})
+        tokens = self._c("refresh_tokens")
+        await tokens.create_index("token_hash", unique=True)
+        await tokens.create_index("family_id")
+        await tokens.create_index("user_id")
+        audit = self._c("audit")
+        await audit.create_index([("actor", ASCENDING), ("_id", DESCENDING)])
+        await audit.create_index([("action", ASCENDING), ("_id", DESCENDING)])
+        await audit.create_index("at")
 
     def _c(self, name: str) -> AsyncCollection[Doc]:
         if self._db is None:
@@ -158,6 +220,135 @@ class MongoStore:
         if doc is None:
             doc = await self._c(coll).find_one({"_id": key})
         return from_document(doc, cls) if doc else None  # type: ignore[type-var]
+
+    # -- users ----------------------------------------------------------------------------------------
+    @_unavailable
+    async def create_user(self, rec: UserRecord) -> None:
+        doc = _with_id(rec)
+        doc.update(_user_key_fields(rec))
+        try:
+            await self._c("users").insert_one(doc)
+        except DuplicateKeyError as exc:
+            raise Conflict(_conflicting_field(exc)) from None
+
+    @_unavailable
+    async def get_user(self, user_id: str) -> UserRecord | None:
+        doc = await self._c("users").find_one({"_id": user_id})
+        return from_document(doc, UserRecord) if doc else None
+
+    @_unavailable
+    async def find_user(self, login: str) -> UserRecord | None:
+        key = login.casefold()
+        users = self._c("users")
+        # Username first, as SqliteStore does, should one user's username be another's email.
+        doc = await users.find_one({_USERNAME_KEY: key}) or await users.find_one({_EMAIL_KEY: key})
+        return from_document(doc, UserRecord) if doc else None
+
+    @_unavailable
+    async def get_user_by_identity(self, issuer: str, subject: str) -> UserRecord | None:
+        doc = await self._c("users").find_one({_IDENTITY_KEY: f"{issuer}\n{subject}"})
+        return from_document(doc, UserRecord) if doc else None
+
+    @_unavailable
+    async def list_users(self, *, limit: int = 100, after: str | None = None) -> list[UserRecord]:
+        if limit <= 0:
+            return []
+        query: Doc = {} if after is None else {"_id": {"$gt": after}}
+        docs = await self._c("users").find(query).sort("_id", ASCENDING).limit(limit).to_list(None)
+        return [from_document(d, UserRecord) for d in docs]
+
+    @_unavailable
+    async def update_user(self, user_id: str, changes: Mapping[str, Any]) -> UserRecord | None:
+        if "id" in changes:
+            raise ValueError("a user's id cannot change")
+        users = self._c("users")
+        current = await users.find_one({"_id": user_id})
+        if current is None:
+            return None
+        # Validated against the whole record; only the changed fields (and the unique keys made
+        # from them) are $set, so a concurrent change to other fields is not lost.
+        changed = apply_changes(from_document(current, UserRecord), changes)
+        update = change_document(UserRecord, changes)
+        keys = _user_key_fields(changed)
+        if "username" in changes:
+            update[_USERNAME_KEY] = keys[_USERNAME_KEY]
+        if "email" in changes:
+            update[_EMAIL_KEY] = keys[_EMAIL_KEY]
+        if "oidc_issuer" in changes or "oidc_subject" in changes:
+            update[_IDENTITY_KEY] = keys[_IDENTITY_KEY]
+        if not update:
+            return changed
+        try:
+            doc = await users.find_one_and_update({"_id": user_id}, {"$set": update}, return_document=_AFTER)
+        except DuplicateKeyError as exc:
+            raise Conflict(_conflicting_field(exc)) from None
+        return from_document(doc, UserRecord) if doc else None
+
+    @_unavailable
+    async def delete_user(self, user_id: str) -> bool:
+        result = await self._c("users").delete_one({"_id": user_id})
+        return result.deleted_count > 0
+
+    # -- refresh tokens -------------------------------------------------------------------------------
+    @_unavailable
+    async def put_refresh_token(self, rec: RefreshTokenRecord) -> None:
+        try:
+            await self._c("refresh_tokens").insert_one(_with_id(rec))
+        except DuplicateKeyError as exc:
+            raise ValueError(f"refresh token {rec.id!r} or its hash already exists") from exc
+
+    @_unavailable
+    async def spend_refresh_token(self, token_hash: str, at: float) -> RefreshTokenRecord | None:
+        tokens = self._c("refresh_tokens")
+        # One atomic document update: of two concurrent callers, one matches and sees the token
+        # unused (the document before the update); the other finds it used.
+        doc = await tokens.find_one_and_update(
+            {"token_hash": token_hash, "used_at": None, "revoked_at": None},
+            {"$set": {"used_at": float(at)}},
+            return_document=_BEFORE,
+        )
+        if doc is None:
+            doc = await tokens.find_one({"token_hash": token_hash})
+        return from_document(doc, RefreshTokenRecord) if doc else None
+
+    @_unavailable
+    async def revoke_refresh_tokens(self, at: float, *, family_id: str | None = None, user_id: str | None = None) -> int:
+        if (family_id is None) == (user_id is None):
+            raise ValueError("revoke the tokens of one family or of one user")
+        query: Doc = {"family_id": family_id} if family_id is not None else {"user_id": user_id}
+        query["revoked_at"] = None
+        result = await self._c("refresh_tokens").update_many(query, {"$set": {"revoked_at": float(at)}})
+        return int(result.modified_count)
+
+    # -- audit trail ----------------------------------------------------------------------------------
+    @_unavailable
+    async def append_audit(self, rec: AuditRecord) -> None:
+        await self._c("audit").insert_one(_with_id(rec))
+
+    @_unavailable
+    async def list_audit(
+        self,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        since: float | None = None,
+        before: str | None = None,
+        limit: int = 100,
+    ) -> list[AuditRecord]:
+        if limit <= 0:
+            return []
+        query: Doc = {}
+        if actor is not None:
+            query["actor"] = actor
+        if action is not None:
+            # A prefix as a range (like SqliteStore), which uses the index and needs no escaping.
+            query["action"] = {"$gte": action, "$lt": action + "\uffff"} if action.endswith(".") else action
+        if since is not None:
+            query["at"] = {"$gte": float(since)}
+        if before is not None:
+            query["_id"] = {"$lt": before}
+        docs = await self._c("audit").find(query).sort("_id", DESCENDING).limit(limit).to_list(None)
+        return [from_document(d, AuditRecord) for d in docs]
 
     # -- agents -----------------------------------------------------------------------------------
     @_unavailable
@@ -301,6 +492,16 @@ class MongoStore:
         else:
             doc = await jobs.find_one(query)
         return from_document(doc, JobRecord) if doc else None
+
+    async def update_jobs(self, updates: Sequence[JobUpdate], *, fence_epoch: int | None = None) -> list[JobRecord | None]:
+        # One compare-and-set after the other (each fenced): no multi-document transaction needed.
+        return [
+            await self.update_job(
+                u.job_id, expect_states=u.expect_states, expect_attempt=u.expect_attempt, expect_agent=u.expect_agent,
+                fence_epoch=fence_epoch, changes=u.changes, increments=u.increments,
+            )
+            for u in updates
+        ]
 
     @_unavailable
     async def advance_fence(self, epoch: int) -> int:

@@ -46,6 +46,9 @@ class UserRecord(msgspec.Struct, kw_only=True):
     created_at: float
     last_login_at: float | None = None
     disabled_at: float | None = None  # None: enabled
+    # Access tokens issued (iat) before this are refused: set when a password change signs every
+    # session out.
+    sessions_valid_after: float | None = None
 
 
 class RefreshTokenRecord(msgspec.Struct, kw_only=True):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import msgspec
@@ -22,7 +22,7 @@ import msgspec
 from yardmaster.protocol.jobs import LEASED_STATES
 from yardmaster.protocol.messages import Stream
 from yardmaster.server.backends import logcap
-from yardmaster.server.backends.base import BackendUnavailable, Conflict
+from yardmaster.server.backends.base import BackendUnavailable, Conflict, JobUpdate
 from yardmaster.server.backends.documents import (
     apply_changes,
     check_increments,
@@ -470,24 +470,24 @@ class SqliteStore:
         changes: Mapping[str, Any],
         increments: Mapping[str, int] | None = None,
     ) -> JobRecord | None:
-        changes = job_changes(changes, fence_epoch)
-        check_increments(JobRecord, increments)
+        return (
+            await self.update_jobs(
+                [JobUpdate(job_id, expect_states, changes, expect_attempt, expect_agent, increments)],
+                fence_epoch=fence_epoch,
+            )
+        )[0]
 
-        def update(db: sqlite3.Connection) -> JobRecord | None:
-            # Recording our epoch before the compare is harmless when the compare then fails: the
+    async def update_jobs(self, updates: Sequence[JobUpdate], *, fence_epoch: int | None = None) -> list[JobRecord | None]:
+        if not updates:
+            return []
+        prepared = [(u, job_changes(u.changes, fence_epoch), check_increments(JobRecord, u.increments)) for u in updates]
+
+        def update(db: sqlite3.Connection) -> list[JobRecord | None]:
+            # Recording our epoch before the compare is harmless when the compares then fail: the
             # epoch is a leader's that exists, and the fence only ever goes up.
             if fence_epoch is not None and _raise_meta(db, "fence_epoch", fence_epoch) > fence_epoch:
-                return None
-            rec = _load(db, "jobs", job_id, JobRecord)
-            if rec is None or not matches(rec, expect_states, expect_attempt, expect_agent):
-                return None
-            rec = apply_changes(rec, changes, increments)
-            db.execute(
-                "UPDATE jobs SET owner = ?, state = ?, agent_id = ?, lease_expires_at = ?, deadline = ?, doc = ? "
-                "WHERE id = ?",
-                (*_job_row(rec)[1:], job_id),
-            )
-            return rec
+                return [None] * len(prepared)
+            return [_update_job(db, u, changes, increments) for u, changes, increments in prepared]
 
         return await self._write(update)
 
@@ -629,6 +629,20 @@ def _create_schema(db: sqlite3.Connection) -> int:
 def _load(db: sqlite3.Connection, table: str, key: str, cls: type[T]) -> T | None:
     row = db.execute(f"SELECT doc FROM {table} WHERE id = ?", (key,)).fetchone()
     return from_json(row[0], cls) if row else None  # type: ignore[type-var]
+
+
+def _update_job(
+    db: sqlite3.Connection, u: JobUpdate, changes: Mapping[str, Any], increments: Mapping[str, int]
+) -> JobRecord | None:
+    rec = _load(db, "jobs", u.job_id, JobRecord)
+    if rec is None or not matches(rec, u.expect_states, u.expect_attempt, u.expect_agent):
+        return None
+    rec = apply_changes(rec, changes, increments)
+    db.execute(
+        "UPDATE jobs SET owner = ?, state = ?, agent_id = ?, lease_expires_at = ?, deadline = ?, doc = ? WHERE id = ?",
+        (*_job_row(rec)[1:], u.job_id),
+    )
+    return rec
 
 
 def _put_user(db: sqlite3.Connection, rec: UserRecord, *, insert: bool) -> None:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import cast
 
 from starlette.websockets import WebSocket
 
@@ -31,6 +34,7 @@ from yardmaster.server.security.principals import bearer_token
 log = logging.getLogger("yardmaster.channels.agent")
 
 HELLO_TIMEOUT_S = 10.0
+READ_AHEAD = 1000  # messages received and not yet handled, at most
 OUTBOX_LIMIT = 1000
 MAX_ERRORS = 20  # a peer that keeps sending garbage is broken: close it
 
@@ -63,6 +67,54 @@ def choose_subprotocol(offered: list[str]) -> str | None:
         if name in offered:
             return name
     return None
+
+
+Received = m.AgentToServer | DecodeError | None
+
+
+class _Inbox:
+    """Messages read ahead of their handling. A reader task receives while the handler waits on
+    the Store, so the handler takes everything that arrived meanwhile as one batch (a run of
+    accepts and results is then one Store transaction). At most READ_AHEAD messages wait: past
+    that the reader stops reading and the socket's own flow control holds the agent back."""
+
+    def __init__(self, receive: Callable[[], Awaitable[Received]]) -> None:
+        self._receive = receive
+        self._items: list[Received] = []
+        self._error: BaseException | None = None
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
+        self._reader = asyncio.create_task(self._read(), name="agent-read-ahead")
+
+    async def _read(self) -> None:
+        try:
+            while True:
+                while len(self._items) >= READ_AHEAD:
+                    self._room.clear()
+                    await self._room.wait()
+                msg = await self._receive()
+                self._items.append(msg)
+                self._arrived.set()
+                if msg is None:
+                    return
+        except Exception as exc:  # handed to the handler, which raises it where the loop would have
+            self._error = exc
+            self._arrived.set()
+
+    async def take(self) -> list[Received]:
+        """Every message received and not yet taken; waits for one if there is none."""
+        while not self._items:
+            if self._error is not None:
+                raise self._error
+            self._arrived.clear()
+            await self._arrived.wait()
+        batch, self._items = self._items, []
+        self._room.set()
+        return batch
+
+    async def close(self) -> None:
+        self._reader.cancel()
+        await asyncio.gather(self._reader, return_exceptions=True)
 
 
 class AgentConnection:
@@ -145,30 +197,66 @@ class AgentConnection:
             await self.close(CloseCode.PROTOCOL_ERROR, "the first message must be hello")
             return
         await self._on_hello(first)
+        inbox = _Inbox(self._receive)
+        try:
+            await self._handle_all(inbox)
+        finally:
+            await inbox.close()
+
+    async def _handle_all(self, inbox: _Inbox) -> None:
         errors = 0
         while not self._closed.is_set():
-            msg = await self._receive()
-            if msg is None:
-                return
-            if isinstance(msg, DecodeError):
-                self.rt.metrics.messages.labels("agent", "in", "invalid").inc()
-                if msg.code == m.ERR_TOO_BIG:
-                    await self.close(CloseCode.TOO_BIG, "message too big")
+            batch = await inbox.take()
+            i = 0
+            while i < len(batch):
+                msg = batch[i]
+                if msg is None:
                     return
-                errors += 1
-                if errors > MAX_ERRORS:
-                    await self.close(CloseCode.PROTOCOL_ERROR, "too many invalid messages")
+                if isinstance(msg, (m.JobAccept, m.Result)):
+                    # A run of accepts and results is one Store transaction (JobService.on_reports).
+                    j = i + 1
+                    while j < len(batch) and isinstance(batch[j], (m.JobAccept, m.Result)):
+                        j += 1
+                    reports = cast(list[m.JobAccept | m.Result], batch[i:j])
+                    i = j
+                    if not await self._guarded(self._on_reports(reports)):
+                        return
+                    continue
+                i += 1
+                if isinstance(msg, DecodeError):
+                    self.rt.metrics.messages.labels("agent", "in", "invalid").inc()
+                    if msg.code == m.ERR_TOO_BIG:
+                        await self.close(CloseCode.TOO_BIG, "message too big")
+                        return
+                    errors += 1
+                    if errors > MAX_ERRORS:
+                        await self.close(CloseCode.PROTOCOL_ERROR, "too many invalid messages")
+                        return
+                    await self.send(msg.to_error())
+                    continue
+                self.rt.metrics.messages.labels("agent", "in", m.tag_of(msg)).inc()
+                if not await self._guarded(self._dispatch(msg)):
                     return
-                await self.send(msg.to_error())
-                continue
-            self.rt.metrics.messages.labels("agent", "in", m.tag_of(msg)).inc()
-            try:
-                await self._dispatch(msg)
-            except BackendUnavailable as exc:
-                # Nothing was acknowledged: the agent keeps what it sent and re-sends it later.
-                log.warning("state unavailable while handling agent message", extra={"reason": str(exc)})
-                await self.close(CloseCode.INTERNAL_ERROR, "state temporarily unavailable")
-                return
+
+    async def _guarded(self, handling: Awaitable[None]) -> bool:
+        """Handle a message; False (and the socket closed) when state was unreachable."""
+        try:
+            await handling
+        except BackendUnavailable as exc:
+            # Nothing was acknowledged: the agent keeps what it sent and re-sends it later.
+            log.warning("state unavailable while handling agent message", extra={"reason": str(exc)})
+            await self.close(CloseCode.INTERNAL_ERROR, "state temporarily unavailable")
+            return False
+        return True
+
+    async def _on_reports(self, reports: list[m.JobAccept | m.Result]) -> None:
+        counter = self.rt.metrics.messages
+        for tag, n in Counter(m.tag_of(msg) for msg in reports).items():
+            counter.labels("agent", "in", tag).inc(n)
+        for reply in await self.rt.jobs.on_reports(self.agent_id, reports):
+            await self.send(reply)
+        if any(isinstance(msg, m.Result) for msg in reports):
+            self.rt.wake_scheduler()
 
     async def _running_over_limit(self, running: list[m.RunningJob], where: str) -> bool:
         if len(running) <= self._running_limit:
@@ -251,13 +339,8 @@ class AgentConnection:
             except BackendUnavailable:
                 pass  # the Broker is down: the socket stays; presence is refreshed once it is back
             replies = []
-        elif isinstance(msg, m.JobAccept):
-            replies = await jobs.on_accept(self.agent_id, msg)
         elif isinstance(msg, m.JobReject):
             replies = await jobs.on_reject(self.agent_id, msg)
-            self.rt.wake_scheduler()
-        elif isinstance(msg, m.Result):
-            replies = await jobs.on_result(self.agent_id, msg)
             self.rt.wake_scheduler()
         elif isinstance(msg, m.CancelAck):
             replies = await jobs.on_cancel_ack(self.agent_id, msg)

@@ -16,7 +16,6 @@ import logging
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import msgspec
 from starlette.types import Message, Receive, Send
@@ -34,42 +33,13 @@ from yardmaster.server.observability.middleware import WEBSOCKET_HANDOFF
 from yardmaster.server.runtime import Runtime
 from yardmaster.server.api.auth import authenticate
 from yardmaster.server.security.principals import Principal
+from yardmaster.server.security.origins import origin_allowed
 
 log = logging.getLogger("yardmaster.channels.client")
 
 HISTORY_PAGE = 500
+NO_SUCH_JOB = "no such job"
 _json = msgspec.json.Encoder()
-
-
-_DEFAULT_PORTS = {"http": 80, "https": 443}
-
-
-def _origin_tuple(url: str) -> tuple[str, str, int] | None:
-    """(scheme, host, port) of an http(s) origin, default port filled in; None for anything else."""
-    try:
-        parts = urlsplit(url.strip().lower())
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
-        return None
-    return parts.scheme, parts.hostname, port or _DEFAULT_PORTS[parts.scheme]
-
-
-def origin_allowed(origin: str | None, host: str | None, allowed: tuple[str, ...], scheme: str) -> bool:
-    """No Origin (not a browser), the same origin (scheme, host and port: `scheme` is this request's,
-    ws/wss or http/https), or one listed in YM_ALLOWED_ORIGINS."""
-    if origin is None:
-        return True
-    if origin in allowed or "*" in allowed:
-        return True
-    key = _origin_tuple(origin)
-    if key is None:  # "null" (sandboxed frames, file://) and other schemes
-        return False
-    if any(_origin_tuple(entry) == key for entry in allowed):
-        return True
-    own_scheme = "https" if scheme in ("https", "wss") else "http"
-    return bool(host) and _origin_tuple(f"{own_scheme}://{host}") == key
 
 
 async def authenticate_client(rt: Runtime, websocket: WebSocket) -> Principal | None:
@@ -318,7 +288,11 @@ class ClientConnection:
         if topic in self._subscriptions:
             self.send(m.Error(code=m.ERR_BAD_TOPIC, message=f"already subscribed to {topic}"))
             return
+        if not self.principal.may("jobs:read"):
+            self.send(m.Error(code=m.ERR_FORBIDDEN, message="this credential lacks the jobs:read scope"))
+            return
         if topic == "jobs":
+            # Only the caller's jobs (an admin's: all): the channel itself is per owner.
             broker_topic = ALL_JOBS_CHANNEL if self.principal.is_admin else owner_channel(self.principal.id)
             await self._listen(_Subscription(self, topic, broker_topic))
             self.send(m.Subscribed(topic=topic))
@@ -329,8 +303,8 @@ class ClientConnection:
         job_id = topic[4:]
         job = await self.rt.jobs.find(job_id)
         if job is None or not self.principal.may_see(job.owner):
-            # The same answer for "no such job" and "not yours": ids are not an oracle.
-            self.send(m.Error(code=m.ERR_UNKNOWN_JOB, message="no such job", job_id=job_id))
+            # One answer, code and wording, for "no such job" and "not yours": ids are not an oracle.
+            self.send(m.Error(code=m.ERR_FORBIDDEN, message=NO_SUCH_JOB, job_id=job_id))
             return
         start = max(0, msg.from_offset) if msg.from_offset is not None else None
         sub = _JobSubscription(self, topic, job_channel(job_id), job_id, JobFeed(next_offset=start, hold_limit_bytes=self._limit))

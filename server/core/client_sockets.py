@@ -38,15 +38,23 @@ class ClientLink(Protocol):
 
 
 class Revocation(msgspec.Struct, kw_only=True, frozen=True):
-    """Close the sockets of this key, or (no key id) of every key of this principal."""
+    """Close the sockets of one principal: those of one API key (`key_id`), of one access token
+    (`token_id`), of every access token (`access_tokens`: every session signed out, API keys
+    kept), or, with none of these, all of them."""
 
     principal_id: str
     key_id: str | None = None
+    token_id: str | None = None
+    access_tokens: bool = False
 
     def matches(self, principal: Principal) -> bool:
         if principal.id != self.principal_id:
             return False
-        return self.key_id is None or principal.key_id == self.key_id
+        if self.key_id is not None and principal.key_id != self.key_id:
+            return False
+        if self.token_id is not None and principal.token_id != self.token_id:
+            return False
+        return not self.access_tokens or principal.credential == "access-token"
 
 
 _encoder = msgspec.json.Encoder()
@@ -134,12 +142,14 @@ class ClientSockets:
         self.close_matching(revocation)
 
     async def sweep(self) -> int:
-        """Close the sockets whose key no longer works; how many were closed."""
+        """Close the sockets whose credential no longer works; how many were closed."""
         principals = {link.principal for links in self._by_principal.values() for link in links}
         closed = 0
         for principal in principals:
             if not await self._still_valid(principal):
-                closed += self.close_matching(Revocation(principal_id=principal.id, key_id=principal.key_id))
+                closed += self.close_matching(
+                    Revocation(principal_id=principal.id, key_id=principal.key_id, token_id=principal.token_id)
+                )
         return closed
 
     async def _sweep_forever(self) -> None:

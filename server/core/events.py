@@ -18,6 +18,7 @@ from yardmaster.protocol import messages as m
 from yardmaster.server.backends.base import BackendUnavailable, Broker, Subscription
 from yardmaster.server.backends.keys import ALL_JOBS_CHANNEL, job_channel, owner_channel
 from yardmaster.server.backends.records import JobRecord, LogEntry
+from yardmaster.server.core.batching import Coalescer
 from yardmaster.server.core.subscriptions import read_forever
 
 log = logging.getLogger("yardmaster.events")
@@ -57,33 +58,36 @@ def state_message(job: JobRecord) -> m.JobStateMsg:
 
 
 class EventPublisher:
+    """Publishes made while another is on its way to the Broker go out together in the next
+    round trip (a Redis pipeline), in the order they were made."""
+
     def __init__(self, broker: Broker) -> None:
         self._broker = broker
+        self._out: Coalescer[tuple[str, bytes]] = Coalescer(self._publish, "events")
 
     async def log_entry(self, entry: LogEntry) -> None:
-        await self._safe_publish(job_channel(entry.job_id), _json.encode(log_message(entry)))
+        await self._out.add([(job_channel(entry.job_id), _json.encode(log_message(entry)))])
 
     async def job_state(self, job: JobRecord) -> None:
         await self.job_states([job])
 
     async def job_states(self, jobs: Sequence[JobRecord]) -> None:
-        """Each job's state on its three topics, all in one Broker round trip."""
+        """Each job's state on its three topics."""
         messages: list[tuple[str, bytes]] = []
         for job in jobs:
             data = _json.encode(state_message(job))
             messages += [(job_channel(job.id), data), (owner_channel(job.owner), data), (ALL_JOBS_CHANNEL, data)]
+        await self._out.add(messages)
+
+    async def _publish(self, messages: Sequence[tuple[str, bytes]]) -> None:
         # Live delivery is best effort; subscribers recover anything missed from the Store.
         try:
             await self._broker.publish_many(messages)
         except BackendUnavailable as exc:
-            log.warning("job state not published", extra={"jobs": len(jobs), "reason": str(exc)})
+            log.warning("events not published", extra={"messages": len(messages), "reason": str(exc)})
 
-    async def _safe_publish(self, topic: str, data: bytes) -> None:
-        # Live delivery is best effort; subscribers recover anything missed from the Store.
-        try:
-            await self._broker.publish(topic, data)
-        except BackendUnavailable as exc:
-            log.warning("event not published", extra={"topic": topic, "reason": str(exc)})
+    async def close(self) -> None:
+        await self._out.close()
 
 
 Listener = Callable[[EventHeader, str], int]

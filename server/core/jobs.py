@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection
+from collections import Counter
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 from yardmaster.protocol import messages as m
@@ -23,10 +24,11 @@ from yardmaster.protocol.jobs import (
     sources_of,
     transition,
 )
-from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
+from yardmaster.server.backends.base import BackendUnavailable, Broker, JobUpdate, Store
 from yardmaster.server.backends.records import JobRecord, LogEntry
 from yardmaster.server.core.admission import AdmissionPolicy, AdmissionRefused, check_spec
 from yardmaster.server.core.agents import AgentHub
+from yardmaster.server.core.batching import Coalescer
 from yardmaster.server.core.events import EventPublisher
 from yardmaster.server.core.ids import new_id
 from yardmaster.server.observability.metrics import Metrics
@@ -104,6 +106,20 @@ class JobService:
         self._timings = timings
         self._wake_scheduler = wake_scheduler
         self._admission = admission
+        self._queued_listeners: list[Callable[[Sequence[JobRecord]], None]] = []
+        self._enqueues: Coalescer[tuple[str, int, float]] = Coalescer(self._enqueue_many, "enqueue")
+
+    async def close(self) -> None:
+        await self._enqueues.close()
+
+    def on_queued(self, listener: Callable[[Sequence[JobRecord]], None]) -> None:
+        """Have `listener` told of the records of jobs this replica has just queued (submitted or
+        re-queued), as they are in the Store then."""
+        self._queued_listeners.append(listener)
+
+    def _queued(self, jobs: Sequence[JobRecord]) -> None:
+        for listener in self._queued_listeners:
+            listener(jobs)
 
     # ---- users -------------------------------------------------------------------------------
 
@@ -115,6 +131,7 @@ class JobService:
         await self._enqueue(job)
         self._metrics.transitions.labels("queued").inc()
         await self._events.job_state(job)
+        self._queued([job])
         self._wake_scheduler()
         return job
 
@@ -141,15 +158,20 @@ class JobService:
             log.warning("jobs queued in the store, not yet in the broker", extra={"jobs": len(jobs), "reason": str(exc)})
         self._metrics.transitions.labels("queued").inc(len(jobs))
         await self._events.job_states(jobs)
+        self._queued(jobs)
         self._wake_scheduler()
         return jobs
 
     async def _enqueue(self, job: JobRecord) -> None:
+        # Concurrent submits share a Broker round trip (Coalescer); each returns once its job is in.
+        await self._enqueues.add([(job.id, job.priority, job.enqueued_at)])
+
+    async def _enqueue_many(self, items: Sequence[tuple[str, int, float]]) -> None:
         try:
-            await self._broker.enqueue(job.id, job.priority, job.enqueued_at)
+            await self._broker.enqueue_many(items)
         except BackendUnavailable as exc:
-            # The Store says queued: the leader's reconciliation enqueues it once the Broker is back.
-            log.warning("job queued in the store, not yet in the broker", extra={"job_id": job.id, "reason": str(exc)})
+            # The Store says queued: the leader's reconciliation enqueues them once the Broker is back.
+            log.warning("jobs queued in the store, not yet in the broker", extra={"jobs": len(items), "reason": str(exc)})
 
     async def get(self, job_id: str) -> JobRecord:
         job = await self._store.get_job(job_id)
@@ -230,34 +252,48 @@ class JobService:
     async def claim(self, job: JobRecord, agent_id: str, epoch: int) -> JobRecord | None:
         """Assign a queued job to `agent_id` as its next attempt and send the job-assign.
         None if the job moved meanwhile or `epoch` is no longer the newest (fencing)."""
+        return (await self.claim_many([(job, agent_id)], epoch))[0]
+
+    async def claim_many(self, claims: Sequence[tuple[JobRecord, str]], epoch: int) -> list[JobRecord | None]:
+        """`claim` for each (job, agent id) of a scheduling pass, in one Store transaction, one
+        publish round trip and one queue removal; the updated record or None for each."""
+        if not claims:
+            return []
         now = time.time()
-        attempt = job.attempt + 1
-        deadline = now + job.spec.timeout_s
-        updated = await self._transition(
-            job,
-            JobEvent.ASSIGN,
-            {
-                "attempt": attempt,
+        updates = []
+        for job, agent_id in claims:
+            changes = {
+                "state": transition(job.state, JobEvent.ASSIGN),
+                "updated_at": now,
+                "attempt": job.attempt + 1,
                 "agent_id": agent_id,
                 "epoch": epoch,
                 "assigned_at": now,
                 "lease_expires_at": now + self._timings.assign_ack_s,
-                "deadline": deadline,
+                "deadline": now + job.spec.timeout_s,
                 "exit_code": None,
                 "error": None,
-            },
-            fence_epoch=epoch,
-        )
-        if updated is None:
-            return None
-        await self._broker.remove(job.id)
-        self._metrics.dispatch_latency.observe(max(0.0, now - job.enqueued_at))
-        sent = await self._agents.send_to_agent(
-            agent_id, m.JobAssign(job_id=job.id, attempt=attempt, spec=job.spec, deadline=deadline)
-        )
-        if not sent:
-            log.warning("assigned agent is gone; the job returns when its lease expires", extra={"job_id": job.id})
-        return updated
+            }
+            updates.append(JobUpdate(job.id, (job.state,), changes, expect_attempt=job.attempt))
+        results = await self._store.update_jobs(updates, fence_epoch=epoch)
+        claimed = [rec for rec in results if rec is not None]
+        if not claimed:
+            return results
+        # Announced before the job-assign goes out, so that the `assigned` event precedes
+        # the `running` one that the agent's accept causes.
+        await self.announce_many(claimed)
+        for job, rec in zip((c[0] for c in claims), results, strict=True):
+            if rec is None:
+                continue
+            self._metrics.dispatch_latency.observe(max(0.0, now - job.enqueued_at))
+            assert rec.agent_id is not None and rec.deadline is not None
+            sent = await self._agents.send_to_agent(
+                rec.agent_id, m.JobAssign(job_id=rec.id, attempt=rec.attempt, spec=rec.spec, deadline=rec.deadline)
+            )
+            if not sent:
+                log.warning("assigned agent is gone; the job returns when its lease expires", extra={"job_id": rec.id})
+        await self._broker.remove_many([rec.id for rec in claimed])
+        return results
 
     async def expire_lease(self, job: JobRecord, epoch: int) -> JobRecord | None:
         """The job's lease ran out: re-queue it (or end it as `lost`) and stop that attempt if
@@ -329,26 +365,56 @@ class JobService:
         self._metrics.transitions.labels(job.state).inc()
         await self._events.job_state(job)
 
+    async def announce_many(self, jobs: Sequence[JobRecord]) -> None:
+        """`announce` each, with one publish round trip for all of them."""
+        counts = Counter(job.state for job in jobs)
+        for state, n in counts.items():
+            self._metrics.transitions.labels(state).inc(n)
+        await self._events.job_states(jobs)
+
     async def on_accept(self, agent_id: str, msg: m.JobAccept) -> list[m.ServerToAgent]:
-        # The common case is one Store round trip: the job is `assigned` to this agent at this
-        # attempt. Anything else is looked at below.
+        return await self.on_reports(agent_id, [msg])
+
+    async def on_reports(self, agent_id: str, msgs: Sequence[m.JobAccept | m.Result]) -> list[m.ServerToAgent]:
+        """An agent's job-accepts and results, in the order it sent them; the replies.
+
+        The common case of each (the job is `assigned` or `running` on this agent at this
+        attempt) is one compare-and-set, and those of the whole batch are one Store transaction
+        and one publish round trip. Anything else is looked at afterwards, message by message in
+        order. That is what handling them one by one would do: a compare-and-set that fails
+        changes nothing, the accept's full path never writes, and the result's full path only
+        ends a job that no later accept or result of the batch could have changed."""
+        fast = [self._accept_update(agent_id, msg) if isinstance(msg, m.JobAccept) else self._result_update(agent_id, msg)
+                for msg in msgs]
+        tried = [u for u in fast if u is not None]
+        results = iter(await self._store.update_jobs(tried) if tried else [])
+        outcome = [None if u is None else next(results) for u in fast]
+        changed = [rec for rec in outcome if rec is not None]
+        if changed:
+            await self.announce_many(changed)
+        replies: list[m.ServerToAgent] = []
+        for msg, rec in zip(msgs, outcome, strict=True):
+            if isinstance(msg, m.JobAccept):
+                if rec is None:
+                    replies += await self._accept_slow(agent_id, msg)
+            elif rec is None:
+                replies += await self._result_slow(agent_id, msg)
+            else:
+                replies.append(m.ResultAck(job_id=msg.job_id, attempt=msg.attempt, accepted=True))
+        return replies
+
+    def _accept_update(self, agent_id: str, msg: m.JobAccept) -> JobUpdate:
         now = time.time()
-        updated = await self._store.update_job(
-            msg.job_id,
-            expect_states=["assigned"],
-            expect_attempt=msg.attempt,
-            expect_agent=agent_id,
-            changes={
-                "state": transition("assigned", JobEvent.ACCEPT),
-                "updated_at": now,
-                "started_at": now,
-                "lease_expires_at": now + self._timings.lease_s,
-            },
-            increments={"runs": 1},
-        )
-        if updated is not None:
-            await self.announce(updated)
-            return []
+        changes = {
+            "state": transition("assigned", JobEvent.ACCEPT),
+            "updated_at": now,
+            "started_at": now,
+            "lease_expires_at": now + self._timings.lease_s,
+        }
+        return JobUpdate(msg.job_id, ("assigned",), changes, expect_attempt=msg.attempt, expect_agent=agent_id,
+                         increments={"runs": 1})
+
+    async def _accept_slow(self, agent_id: str, msg: m.JobAccept) -> list[m.ServerToAgent]:
         job = await self._current(agent_id, msg.job_id, msg.attempt)
         if isinstance(job, m.Error):
             return [job]
@@ -380,6 +446,7 @@ class JobService:
         updated = await self._transition(job, event, changes, fence_epoch=fence_epoch)
         if updated is not None and updated.state == "queued":
             await self._enqueue(updated)
+            self._queued([updated])
             self._wake_scheduler()
         return updated
 
@@ -407,9 +474,10 @@ class JobService:
         return replies, result.entry
 
     async def on_result(self, agent_id: str, msg: m.Result) -> list[m.ServerToAgent]:
+        return await self.on_reports(agent_id, [msg])
+
+    async def _result_slow(self, agent_id: str, msg: m.Result) -> list[m.ServerToAgent]:
         ack = m.ResultAck(job_id=msg.job_id, attempt=msg.attempt, accepted=True)
-        if await self._result_fast(agent_id, msg) is not None:
-            return [ack]
         job = await self._current(agent_id, msg.job_id, msg.attempt)
         if isinstance(job, m.Error):
             return [job]
@@ -426,24 +494,16 @@ class JobService:
                 return [m.Error(code=m.ERR_STALE_ATTEMPT, job_id=msg.job_id, attempt=msg.attempt)]
         return [ack]
 
-    async def _result_fast(self, agent_id: str, msg: m.Result) -> JobRecord | None:
-        """The common case in one Store round trip: the job is `assigned` or `running` on this
-        agent at this attempt, and the result moves it to the same state from either. Anything
-        else (a cancel in flight, a replay, a stale attempt) returns None for the full path."""
+    def _result_update(self, agent_id: str, msg: m.Result) -> JobUpdate | None:
+        """The common case: the job is `assigned` or `running` on this agent at this attempt, and
+        the result moves it to the same state from either. Anything else (a cancel in flight, a
+        replay, a stale attempt) takes the full path."""
         event = result_event(msg.state)
         targets = {transition(state, event) for state in _RUNNING_STATES}
         if len(targets) != 1:
             return None
-        updated = await self._store.update_job(
-            msg.job_id,
-            expect_states=_RUNNING_STATES,
-            expect_attempt=msg.attempt,
-            expect_agent=agent_id,
-            changes={"state": targets.pop(), "updated_at": time.time(), **_result_changes(msg)},
-        )
-        if updated is not None:
-            await self.announce(updated)
-        return updated
+        changes = {"state": targets.pop(), "updated_at": time.time(), **_result_changes(msg)}
+        return JobUpdate(msg.job_id, _RUNNING_STATES, changes, expect_attempt=msg.attempt, expect_agent=agent_id)
 
     async def on_cancel_ack(self, agent_id: str, msg: m.CancelAck) -> list[m.ServerToAgent]:
         job = await self._current(agent_id, msg.job_id, msg.attempt)

@@ -9,8 +9,10 @@ believes it leads has all of its writes refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from yardmaster.server.backends.keys import SCHEDULER_LOCK
@@ -23,6 +25,8 @@ from yardmaster.server.core.placement import AgentSlots, choose_agent
 from yardmaster.server.observability.metrics import Metrics
 
 log = logging.getLogger("yardmaster.scheduler")
+
+FRESH_MAX = 10_000  # job records the leader keeps from their submission to their first pass
 
 
 @dataclass
@@ -77,7 +81,22 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._lock_task: asyncio.Task[None] | None = None
         self._view = _CapacityView()
+        # Records of jobs this replica queued while leading, by id: a pass takes a candidate's
+        # record from here instead of reading it. A record that went stale meanwhile (a cancel)
+        # only makes its claim's compare-and-set fail.
+        self._fresh: dict[str, JobRecord] = {}
+        jobs.on_queued(self._offer)
+
+    def _offer(self, jobs: Sequence[JobRecord]) -> None:
+        if self.epoch is None:
+            return
+        fresh = self._fresh
+        for job in jobs:
+            fresh[job.id] = job
+        while len(fresh) > FRESH_MAX:  # jobs nobody can take stay queued: forget the oldest
+            del fresh[next(iter(fresh))]
 
     @property
     def is_leader(self) -> bool:
@@ -93,12 +112,14 @@ class Scheduler:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="scheduler")
+        self._lock_task = asyncio.create_task(self._keep_lock(), name="scheduler-lock")
 
     async def stop(self) -> None:
         self._stopping.set()
         self._wake.set()
-        if self._task is not None:
-            await asyncio.gather(self._task, return_exceptions=True)
+        for task in (self._task, self._lock_task):
+            if task is not None:
+                await asyncio.gather(task, return_exceptions=True)
         if self.epoch is not None:
             try:
                 await self._broker.release_lock(SCHEDULER_LOCK, self.owner)
@@ -108,17 +129,44 @@ class Scheduler:
 
     # ---- leadership ------------------------------------------------------------------------
 
+    async def _keep_lock(self) -> None:
+        """Take and renew the leader lock, in a task of its own: a long scheduling pass under load
+        must never hold up the renewal until the lock expires."""
+        renewed_at = time.monotonic()
+        while not self._stopping.is_set():
+            was_leader = self.is_leader
+            try:
+                asked_at = time.monotonic()  # the lock's new TTL runs from no earlier than this
+                await self._hold_lock()
+                renewed_at = asked_at
+                delay = self._t.renew_s
+            except BackendUnavailable as exc:
+                log.warning("scheduler paused", extra={"reason": str(exc)})
+                # The lock expires by itself if we cannot renew it: stop acting as the leader
+                # once it surely has.
+                if self.epoch is not None and time.monotonic() - renewed_at > self._t.lock_ttl_s:
+                    self._step_down("could not renew in time")
+                delay = min(1.0, self._t.renew_s)
+            except Exception:
+                log.exception("scheduler lock renewal failed")
+                delay = min(1.0, self._t.renew_s)
+            if self.is_leader and not was_leader:
+                self._wake.set()  # start scheduling now, not at the pass loop's next look
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+
     async def _run(self) -> None:
-        next_renew = 0.0
         next_reap = 0.0
         next_reconcile = 0.0
+        led: int | None = None
         while not self._stopping.is_set():
             now = time.monotonic()
+            epoch = self.epoch
+            if epoch != led:
+                led = epoch
+                next_reap = next_reconcile = 0.0  # a new term starts with a full look
             try:
-                if now >= next_renew:
-                    await self._hold_lock()
-                    next_renew = now + self._t.renew_s
-                if self.epoch is not None:
+                if epoch is not None:
                     if now >= next_reap:
                         await self.reap()
                         next_reap = now + self._t.reaper_s
@@ -127,15 +175,11 @@ class Scheduler:
                         next_reconcile = now + self._t.reconcile_s
                     await self.tick()
             except BackendUnavailable as exc:
-                # No assignment is made while state is unreachable; leadership is re-checked
-                # on the next pass (the lock expires by itself if we cannot renew it).
+                # No assignment is made while state is unreachable. Jobs submitted or re-queued
+                # during the outage are in the Store but not in the Broker's queue (and cancels
+                # may not have been delivered): reconcile as soon as state is reachable again,
+                # not up to reconcile_s later.
                 log.warning("scheduler paused", extra={"reason": str(exc)})
-                if self.epoch is not None and time.monotonic() - now > self._t.lock_ttl_s:
-                    self._step_down("could not renew in time")
-                next_renew = 0.0
-                # Jobs submitted or re-queued during the outage are in the Store but not in the
-                # Broker's queue (and cancels may not have been delivered): reconcile as soon as
-                # state is reachable again, not up to reconcile_s later.
                 next_reconcile = 0.0
                 await self._sleep(min(1.0, self._t.renew_s))
                 continue
@@ -170,6 +214,7 @@ class Scheduler:
             return
         self.epoch = epoch
         self._view = _CapacityView()  # what a former leader counted is not ours to trust
+        self._fresh.clear()
         self._metrics.is_leader.set(1)
         self._metrics.epoch.set(epoch)
         log.info("became scheduler leader", extra={"epoch": epoch, "owner": self.owner})
@@ -179,6 +224,7 @@ class Scheduler:
             log.warning("stepped down as scheduler leader", extra={"epoch": self.epoch, "reason": reason})
         self.epoch = None
         self._metrics.is_leader.set(0)
+        self._fresh.clear()
 
     async def _fenced_refused(self) -> None:
         """A fenced write failed: if a newer leader exists, stop acting as one."""
@@ -238,30 +284,42 @@ class Scheduler:
             free = sum(max(0, s.free) for s in slots)
             chunk = candidates[start : start + min(self._t.peek, 2 * free + 8)]
             start += len(chunk)
-            jobs = await self._store.get_jobs(chunk)
+            fresh = self._fresh
+            jobs = {job_id: fresh.pop(job_id) for job_id in chunk if job_id in fresh}
+            unknown = [job_id for job_id in chunk if job_id not in jobs]
+            if unknown:
+                jobs.update(await self._store.get_jobs(unknown))
+            stale: list[str] = []
+            picks: list[tuple[JobRecord, AgentSlots]] = []
             for job_id in chunk:
                 job = jobs.get(job_id)
                 if job is None or job.state != "queued":
-                    await self._broker.remove(job_id)  # stale entry: cancelled, or claimed before a crash
+                    stale.append(job_id)  # cancelled, or claimed before a crash
                     continue
                 agent = choose_agent(job.spec.labels, slots, job.spec.executor)
                 if agent is None:
                     continue  # nobody can take it now; it must not block the jobs behind it
-                if await self._assign(job, agent.agent_id, epoch):
-                    agent.free -= 1
+                agent.free -= 1
+                picks.append((job, agent))
+                if not any(s.free > 0 for s in slots):
+                    break
+            if stale:
+                await self._broker.remove_many(stale)
+            # The claims of a chunk are one Store transaction (and one publish round trip).
+            results = await self._jobs.claim_many([(job, agent.agent_id) for job, agent in picks], epoch)
+            for (_, agent), claimed in zip(picks, results, strict=True):
+                if claimed is None:
+                    agent.free += 1
+                else:
                     self._view.used[agent.agent_id] = self._view.used.get(agent.agent_id, 0) + 1
                     assigned += 1
-                    if not any(s.free > 0 for s in slots):
-                        return assigned
-                elif self.epoch is None:
+            if any(claimed is None for claimed in results):
+                await self._fenced_refused()
+                if self.epoch is None:
                     return assigned
+            if not any(s.free > 0 for s in slots):
+                return assigned
         return assigned
-
-    async def _assign(self, job: JobRecord, agent_id: str, epoch: int) -> bool:
-        if await self._jobs.claim(job, agent_id, epoch) is None:
-            await self._fenced_refused()
-            return False
-        return True
 
     # ---- leases, deadlines, reconciliation -----------------------------------------------------
 

@@ -23,8 +23,10 @@ _RESERVED = _STANDARD | {"color_message"}
 REDACTED = "[redacted]"
 # `/path?anything` -> `/path?[redacted]`: a query string after a path (or a URL's host).
 _QUERY = re.compile(r"(/[^\s?\"'<>]*)\?[^\s\"'<>]+")
-# ymk_ API keys, yma_ agent tokens, ymt_ WebSocket tickets, wherever they appear.
-_TOKEN = re.compile(r"\b(ym[kat])_[A-Za-z0-9_\-]+")
+# ymk_ API keys, yma_ agent tokens, ymr_ refresh tokens, ymt_ WebSocket tickets, wherever they appear.
+_TOKEN = re.compile(r"\b(ym[katr])_[A-Za-z0-9_\-]+")
+# A JWS in compact form (access tokens, ID tokens): base64url JSON header "eyJ…", payload, signature.
+_JWT = re.compile(r"\beyJ[A-Za-z0-9_\-]*\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*")
 # `Authorization: Bearer …` as the websockets library logs request headers (at DEBUG).
 _HEADER = re.compile(r"(?i)\b(authorization|proxy-authorization|cookie|set-cookie|x-api-key)(\s*[:=]\s*)[^\r\n]+")
 
@@ -32,6 +34,7 @@ _HEADER = re.compile(r"(?i)\b(authorization|proxy-authorization|cookie|set-cooki
 def redact(text: str) -> str:
     text = _QUERY.sub(rf"\1?{REDACTED}", text)
     text = _TOKEN.sub(rf"\1_{REDACTED}", text)
+    text = _JWT.sub(f"jwt:{REDACTED}", text)
     return _HEADER.sub(rf"\1\2{REDACTED}", text)
 
 

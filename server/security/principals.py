@@ -27,6 +27,7 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     credential: Credential = "api-key"
     key_id: str | None = None
     token_id: str | None = None
+    token_issued_at: float | None = None
     token_expires_at: float | None = None
 
     @property
@@ -138,6 +139,13 @@ def principal_for_key(rec: ApiKeyRecord, user: UserRecord) -> Principal:
     )
 
 
+def session_current(user: UserRecord, token_issued_at: float | None) -> bool:
+    """Whether an access token issued at `token_issued_at` outlived a sign-out of every session
+    of its user (a password change); True for credentials that are not access tokens."""
+    cutoff = user.sessions_valid_after
+    return token_issued_at is None or cutoff is None or token_issued_at >= cutoff
+
+
 def key_usable(rec: ApiKeyRecord, now: float) -> bool:
     return rec.revoked_at is None and (rec.expires_at is None or rec.expires_at > now)
 
@@ -151,6 +159,8 @@ async def still_valid(store: Store, principal: Principal) -> bool:
         return False
     now = time.time()
     if principal.token_expires_at is not None and principal.token_expires_at <= now:
+        return False
+    if not session_current(user, principal.token_issued_at):
         return False
     if principal.key_id is None:
         return True

@@ -2,7 +2,8 @@
 
 Kept in the Broker's presence with a TTL, so any replica can redeem a ticket another issued;
 `delete_presence(if_value=...)` makes redeeming atomic: only one redeemer wins. A ticket stands
-for the API key it was issued with: one whose key was revoked (or expired) since is refused.
+for the credential it was issued with: one whose API key was revoked or expired since, or whose
+access token was signed out or expired since, is refused.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import secrets
 import msgspec
 
 from yardmaster.server.backends.base import Broker, Store
-from yardmaster.server.backends.keys import PRESENCE_TICKET
+from yardmaster.server.backends.keys import PRESENCE_TICKET, denied_token_counter
 from yardmaster.server.security import tokens
 from yardmaster.server.security.principals import Principal, still_valid
 
@@ -42,4 +43,6 @@ class TicketService:
         if value is None or not await self._broker.delete_presence(PRESENCE_TICKET, key, if_value=value):
             return None
         principal = msgspec.json.decode(value, type=Principal)
+        if principal.token_id is not None and await self._broker.get_counter(denied_token_counter(principal.token_id)):
+            return None  # issued with an access token signed out since
         return principal if await still_valid(self._store, principal) else None

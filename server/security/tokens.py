@@ -10,8 +10,8 @@ import secrets
 import zlib
 from typing import Literal
 
-TokenKind = Literal["api-key", "agent"]
-PREFIXES: dict[TokenKind, str] = {"api-key": "ymk_", "agent": "yma_"}
+TokenKind = Literal["api-key", "agent", "refresh"]
+PREFIXES: dict[TokenKind, str] = {"api-key": "ymk_", "agent": "yma_", "refresh": "ymr_"}
 
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _BODY_LEN = 28  # 62**28 > 2**166

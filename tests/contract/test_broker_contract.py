@@ -127,6 +127,15 @@ async def test_remove_wins_exactly_once_under_concurrency(broker: Broker) -> Non
     assert await broker.queue_depth() == 0
 
 
+async def test_remove_many_removes_each_listed_job(broker: Broker) -> None:
+    for i in range(5):
+        await broker.enqueue(f"job-{i}", 0, T0 + i)
+    await broker.remove_many([])  # nothing to remove: not an error
+    await broker.remove_many(["job-1", "job-3", "never-queued"])
+    assert await broker.peek(10) == ["job-0", "job-2", "job-4"]
+    assert not await broker.remove("job-3")
+
+
 # -- leader lock ------------------------------------------------------------------------------------
 async def test_lock_acquire_renew_release_by_owner_only(broker: Broker) -> None:
     epoch = await broker.acquire_lock("leader", "a", 5_000)
@@ -209,6 +218,25 @@ async def test_presence_delete_with_if_value(broker: Broker) -> None:
 
 
 # -- pub/sub ---------------------------------------------------------------------------------------------
+async def test_counter_counts_and_expires_from_its_first_increment(broker: Broker) -> None:
+    assert await broker.get_counter("c") == 0
+    assert await broker.incr_counter("c", ttl_ms=300) == 1
+    assert await broker.incr_counter("c", ttl_ms=300, by=4) == 5
+    assert await broker.get_counter("c") == 5 and await broker.get_counter("other") == 0
+    await asyncio.sleep(0.2)
+    assert await broker.incr_counter("c", ttl_ms=300) == 6  # adding does not extend its life
+    await asyncio.sleep(0.2)
+    assert await broker.get_counter("c") == 0
+    assert await broker.incr_counter("c", ttl_ms=300) == 1  # a new life after expiry
+
+
+async def test_counter_delete_and_concurrent_increments(broker: Broker) -> None:
+    values = await asyncio.gather(*(broker.incr_counter("n", ttl_ms=10_000) for _ in range(50)))
+    assert sorted(values) == list(range(1, 51))  # every increment counted once
+    await broker.delete_counter("n")
+    assert await broker.get_counter("n") == 0
+
+
 async def test_publish_reaches_every_subscriber_in_order(broker: Broker) -> None:
     subs = [await broker.subscribe("job:1") for _ in range(3)]
     for i in range(50):
@@ -229,6 +257,14 @@ async def test_publish_many_delivers_each_message_in_order(broker: Broker) -> No
     await no_message(b)
     await a.close()
     await b.close()
+
+
+async def test_publish_many_of_thousands_keeps_their_order_and_bytes(broker: Broker) -> None:
+    sub = await broker.subscribe("bulk")
+    sent = [("bulk", f"m{i}".encode() + bytes([0, 255, i % 256])) for i in range(2500)]
+    await broker.publish_many(sent)
+    assert [await next_message(sub) for _ in sent] == [data for _, data in sent]
+    await sub.close()
 
 
 async def test_message_published_right_after_subscribe_is_delivered(broker: Broker) -> None:

@@ -15,9 +15,16 @@ from typing import Any
 import pytest
 
 from yardmaster.protocol.jobs import JobSpec
-from yardmaster.server.backends.base import Store
+from yardmaster.server.backends.base import Conflict, JobUpdate, Store
 from yardmaster.server.backends.documents import from_document, from_json
-from yardmaster.server.backends.records import AgentRecord, ApiKeyRecord, JobRecord
+from yardmaster.server.backends.records import (
+    AgentRecord,
+    ApiKeyRecord,
+    AuditRecord,
+    JobRecord,
+    RefreshTokenRecord,
+    UserRecord,
+)
 
 MONGO_SKIP_REASON = (
     "MongoDB contract suite skipped: set YM_TEST_MONGODB_URL to a MongoDB server to run it; "
@@ -150,6 +157,239 @@ async def test_put_api_key_replaces_same_id(store: Store) -> None:
     renamed = ApiKeyRecord(**{**{f: getattr(k, f) for f in k.__struct_fields__}, "name": "renamed"})
     await store.put_api_key(renamed)
     assert [x.name for x in await store.list_api_keys(k.owner)] == ["renamed"]
+
+
+# -- users ----------------------------------------------------------------------------------------
+
+
+def user(username: str | None = None, **fields: Any) -> UserRecord:
+    uid = new_id("u")
+    base: dict[str, Any] = {"id": uid, "username": username or f"user-{uid}", "created_at": time.time()}
+    base.update(fields)
+    return UserRecord(**base)
+
+
+async def test_users_roundtrip_every_field(store: Store) -> None:
+    full = user(
+        "Alice",
+        email="Alice@Example.com",
+        first_name="Alice",
+        last_name="Liddell",
+        image_url="https://example.com/a.png",
+        phone="+44 20 7946 0000",
+        metadata={"team": "infra", "tags": ["a", "b"], "nested": {"n": 1, "ok": True, "none": None}},
+        role="admin",
+        password_hash="$argon2id$v=19$m=65536,t=3,p=4$c2FsdA$aGFzaA",
+        oidc_issuer="https://idp.example",
+        oidc_subject="sub-1",
+        last_login_at=1000.5,
+        disabled_at=2000.25,
+    )
+    bare = user("bob")
+    await store.create_user(full)
+    await store.create_user(bare)
+    assert await store.get_user(full.id) == full
+    assert await store.get_user(bare.id) == bare
+    assert await store.get_user("u_missing") is None
+
+
+async def test_usernames_and_emails_are_unique_whatever_their_case(store: Store) -> None:
+    alice = user("alice", email="alice@example.com")
+    await store.create_user(alice)
+    for clash, field in (
+        (user("ALICE"), "username"),
+        (user("Alice", email="other@example.com"), "username"),
+        (user("alice2", email="ALICE@example.COM"), "email"),
+        (user("alice3", id=alice.id), "id"),
+    ):
+        with pytest.raises(Conflict) as err:
+            await store.create_user(clash)
+        assert err.value.field == field
+        assert await store.get_user(clash.id) == (alice if clash.id == alice.id else None)
+    # Many users without an email (or an OIDC identity) are no clash.
+    await store.create_user(user("carol"))
+    await store.create_user(user("dave"))
+    assert len(await store.list_users()) == 3
+
+
+async def test_find_user_by_username_or_email_casefolded(store: Store) -> None:
+    alice = user("Alice", email="Alice@Example.com")
+    await store.create_user(alice)
+    await store.create_user(user("bob"))
+    for login in ("alice", "ALICE", "Alice", "alice@example.com", "ALICE@EXAMPLE.COM"):
+        assert await store.find_user(login) == alice, login
+    assert await store.find_user("nobody") is None
+    assert await store.find_user("example.com") is None
+
+
+async def test_an_oidc_identity_is_unique_and_found_by_issuer_and_subject(store: Store) -> None:
+    first = user("first", oidc_issuer="https://idp.one", oidc_subject="42")
+    await store.create_user(first)
+    await store.create_user(user("same-subject-other-issuer", oidc_issuer="https://idp.two", oidc_subject="42"))
+    with pytest.raises(Conflict) as err:
+        await store.create_user(user("second", oidc_issuer="https://idp.one", oidc_subject="42"))
+    assert err.value.field == "oidc_subject"
+    assert await store.get_user_by_identity("https://idp.one", "42") == first
+    assert await store.get_user_by_identity("https://idp.one", "43") is None
+    assert await store.get_user_by_identity("https://idp.three", "42") is None
+
+
+async def test_list_users_pages_by_id(store: Store) -> None:
+    made = [user() for _ in range(5)]
+    for u in reversed(made):
+        await store.create_user(u)
+    ids = sorted(u.id for u in made)
+    first = await store.list_users(limit=2)
+    assert [u.id for u in first] == ids[:2]
+    second = await store.list_users(limit=2, after=first[-1].id)
+    assert [u.id for u in second] == ids[2:4]
+    assert [u.id for u in await store.list_users(limit=10, after=second[-1].id)] == ids[4:]
+    assert await store.list_users(limit=10, after=ids[-1]) == []
+    assert await store.list_users(limit=0) == []
+
+
+async def test_update_user_applies_changes_and_keeps_keys_unique(store: Store) -> None:
+    alice, bob = user("alice", email="alice@example.com"), user("bob", email="bob@example.com")
+    await store.create_user(alice)
+    await store.create_user(bob)
+
+    changed = await store.update_user(alice.id, {"role": "admin", "metadata": {"k": [1, 2]}, "disabled_at": 5.0})
+    assert changed is not None and (changed.role, changed.metadata, changed.disabled_at) == ("admin", {"k": [1, 2]}, 5.0)
+    assert await store.get_user(alice.id) == changed
+    enabled = await store.update_user(alice.id, {"disabled_at": None})
+    assert enabled is not None and enabled.disabled_at is None
+
+    for change, field in (({"username": "BOB"}, "username"), ({"email": "Bob@Example.com"}, "email")):
+        with pytest.raises(Conflict) as err:
+            await store.update_user(alice.id, change)
+        assert err.value.field == field
+    assert await store.get_user(alice.id) == enabled  # a refused change changes nothing
+
+    renamed = await store.update_user(alice.id, {"username": "alicia", "email": None})
+    assert renamed is not None and renamed.username == "alicia" and renamed.email is None
+    assert await store.find_user("ALICIA") == renamed
+    assert await store.find_user("alice") is None and await store.find_user("alice@example.com") is None
+    await store.create_user(user("Alice", email="alice@example.com"))  # the old keys are free again
+
+    linked = await store.update_user(bob.id, {"oidc_issuer": "https://idp", "oidc_subject": "b"})
+    assert await store.get_user_by_identity("https://idp", "b") == linked
+
+    assert await store.update_user("u_missing", {"role": "admin"}) is None
+    with pytest.raises(ValueError):
+        await store.update_user(alice.id, {"id": "u_other"})
+    with pytest.raises(ValueError):
+        await store.update_user(alice.id, {"no_such_field": 1})
+    with pytest.raises(ValueError):
+        await store.update_user(alice.id, {"role": "superuser"})
+    assert await store.get_user(alice.id) == renamed
+
+
+async def test_delete_user(store: Store) -> None:
+    alice, bob = user("alice", email="a@example.com"), user("bob")
+    await store.create_user(alice)
+    await store.create_user(bob)
+    assert await store.delete_user(alice.id) is True
+    assert await store.delete_user(alice.id) is False
+    assert await store.get_user(alice.id) is None and await store.find_user("alice") is None
+    assert await store.get_user(bob.id) == bob
+    await store.create_user(user("ALICE", email="A@example.com"))  # username and email are free again
+
+
+# -- refresh tokens ---------------------------------------------------------------------------------
+
+
+def refresh_token(user_id: str = "u_1", family_id: str = "fam_1", **fields: Any) -> RefreshTokenRecord:
+    base: dict[str, Any] = {
+        "id": new_id("rt"),
+        "family_id": family_id,
+        "user_id": user_id,
+        "token_hash": uuid.uuid4().hex,
+        "created_at": 100.0,
+        "expires_at": 10_000.0,
+    }
+    base.update(fields)
+    return RefreshTokenRecord(**base)
+
+
+async def test_a_refresh_token_is_spent_once(store: Store) -> None:
+    tok = refresh_token()
+    await store.put_refresh_token(tok)
+    before = await store.spend_refresh_token(tok.token_hash, 200.0)
+    assert before == tok  # as it was: unused
+    again = await store.spend_refresh_token(tok.token_hash, 300.0)
+    assert again is not None and again.used_at == 200.0  # the first use, kept
+    assert await store.spend_refresh_token("0" * 32, 200.0) is None
+
+    revoked = refresh_token(family_id="fam_2")
+    await store.put_refresh_token(revoked)
+    assert await store.revoke_refresh_tokens(150.0, family_id="fam_2") == 1
+    seen = await store.spend_refresh_token(revoked.token_hash, 200.0)
+    assert seen is not None and seen.revoked_at == 150.0 and seen.used_at is None
+    after = await store.spend_refresh_token(revoked.token_hash, 250.0)
+    assert after is not None and after.used_at is None  # a revoked token is not marked used
+
+
+async def test_of_concurrent_spends_of_one_refresh_token_exactly_one_sees_it_unused(store: Store) -> None:
+    tok = refresh_token()
+    await store.put_refresh_token(tok)
+    seen = await asyncio.gather(*(store.spend_refresh_token(tok.token_hash, 200.0 + n) for n in range(20)))
+    assert all(s is not None for s in seen)
+    unused = [s for s in seen if s is not None and s.used_at is None]
+    assert len(unused) == 1
+
+
+async def test_revoke_refresh_tokens_of_a_family_or_of_a_user(store: Store) -> None:
+    a1, a2 = refresh_token("u_a", "fam_a1"), refresh_token("u_a", "fam_a1")
+    a3, b1 = refresh_token("u_a", "fam_a2"), refresh_token("u_b", "fam_b1")
+    for tok in (a1, a2, a3, b1):
+        await store.put_refresh_token(tok)
+    assert await store.revoke_refresh_tokens(500.0, family_id="fam_a1") == 2
+    assert await store.revoke_refresh_tokens(600.0, family_id="fam_a1") == 0  # already revoked
+    assert await store.revoke_refresh_tokens(700.0, user_id="u_a") == 1  # a3 only
+    for tok, at in ((a1, 500.0), (a2, 500.0), (a3, 700.0)):
+        seen = await store.spend_refresh_token(tok.token_hash, 800.0)
+        assert seen is not None and seen.revoked_at == at
+    untouched = await store.spend_refresh_token(b1.token_hash, 800.0)
+    assert untouched is not None and untouched.revoked_at is None
+    assert await store.revoke_refresh_tokens(900.0, user_id="u_nobody") == 0
+    with pytest.raises(ValueError):
+        await store.revoke_refresh_tokens(1.0)
+    with pytest.raises(ValueError):
+        await store.revoke_refresh_tokens(1.0, family_id="fam_a1", user_id="u_a")
+
+
+# -- audit trail ------------------------------------------------------------------------------------
+
+
+def audit(action: str, actor: str | None = "u_admin", at: float = 100.0, **fields: Any) -> AuditRecord:
+    base: dict[str, Any] = {"id": new_id("aud"), "at": at, "action": action, "actor": actor}
+    base.update(fields)
+    return AuditRecord(**base)
+
+
+async def test_audit_entries_are_listed_newest_first_with_filters_and_a_cursor(store: Store) -> None:
+    entries = [
+        audit("login.failed", None, 100.0, client_address="127.0.0.1", details={"login": "alice"}),
+        audit("login.succeeded", "u_alice", 110.0, client_address="127.0.0.1"),
+        audit("key.created", "u_alice", 120.0, target="key_1", details={"name": "ci", "scopes": ["jobs:read"]}),
+        audit("key.revoked", "u_admin", 130.0, target="key_1"),
+        audit("keys.other", "u_admin", 140.0),
+        audit("user.disabled", "u_admin", 150.0, target="u_alice", details={"keys_revoked": 1}),
+    ]
+    for e in entries:
+        await store.append_audit(e)
+    newest_first = list(reversed(entries))
+    assert await store.list_audit() == newest_first
+    assert await store.list_audit(actor="u_alice") == [entries[2], entries[1]]
+    assert await store.list_audit(action="key.created") == [entries[2]]
+    assert await store.list_audit(action="key.") == [entries[3], entries[2]]  # not "keys.other"
+    assert await store.list_audit(action="key") == []  # exact unless it ends in "."
+    assert await store.list_audit(since=130.0) == newest_first[:3]
+    assert await store.list_audit(actor="u_admin", action="key.", since=125.0) == [entries[3]]
+    page = await store.list_audit(limit=4)
+    assert page == newest_first[:4]
+    assert await store.list_audit(limit=4, before=page[-1].id) == newest_first[4:]
+    assert await store.list_audit(limit=0) == []
 
 
 # -- agents ---------------------------------------------------------------------------------------
@@ -420,6 +660,38 @@ async def test_concurrent_claims_exactly_one_wins(store: Store) -> None:
     assert len(winners) == 1
     final = await store.get_job(j.id)
     assert final is not None and final.agent_id == winners[0].agent_id and final.state == "assigned"
+
+
+async def test_update_jobs_applies_each_compare_and_set_in_order(store: Store) -> None:
+    a, b = job(), job()
+    await store.create_jobs([a, b])
+    assert await store.update_jobs([]) == []
+    out = await store.update_jobs(
+        [
+            JobUpdate(a.id, ["queued"], {"state": "assigned", "agent_id": "ag1"}, expect_attempt=0),
+            JobUpdate(a.id, ["assigned"], {"state": "running"}, expect_agent="ag1", increments={"runs": 1}),
+            JobUpdate(b.id, ["running"], {"state": "failed"}),  # b is queued: this one fails alone
+            JobUpdate("j_missing", ["queued"], {"state": "assigned"}),
+            JobUpdate(b.id, ["queued"], {"priority": 7}),
+        ]
+    )
+    assert [r is not None for r in out] == [True, True, False, False, True]
+    assert out[1] is not None and (out[1].state, out[1].runs, out[1].agent_id) == ("running", 1, "ag1")
+    assert await store.get_job(a.id) == out[1]
+    b_now = await store.get_job(b.id)
+    assert b_now is not None and (b_now.state, b_now.priority) == ("queued", 7)
+
+
+async def test_update_jobs_fenced_all_fail_behind_a_newer_epoch(store: Store) -> None:
+    a, b = job(), job()
+    await store.create_jobs([a, b])
+    claims = [JobUpdate(j.id, ["queued"], {"state": "assigned"}) for j in (a, b)]
+    await store.advance_fence(3)
+    assert await store.update_jobs(claims, fence_epoch=2) == [None, None]
+    assert {(await store.get_job(j.id)).state for j in (a, b)} == {"queued"}  # type: ignore[union-attr]
+    won = await store.update_jobs(claims, fence_epoch=4)
+    assert [(r.state, r.epoch) for r in won if r is not None] == [("assigned", 4), ("assigned", 4)]
+    assert await store.update_job(a.id, expect_states=["assigned"], fence_epoch=3, changes={"priority": 1}) is None
 
 
 async def test_fencing(store: Store) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Collection, Mapping
+from collections.abc import AsyncIterator, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,6 +20,7 @@ import pytest
 from yardmaster.protocol import messages as m
 from yardmaster.protocol.jobs import JobEvent, JobSpec
 from yardmaster.protocol.jobs import transition as real_transition
+from yardmaster.server.backends.base import JobUpdate
 from yardmaster.server.backends.memory_broker import MemoryBroker
 from yardmaster.server.backends.records import AgentRecord, JobRecord
 from yardmaster.server.backends.sqlite_store import SqliteStore
@@ -54,28 +55,18 @@ class CheckedStore(SqliteStore):
         super().__init__(path)
         self.ledger = ledger
 
-    async def update_job(
-        self,
-        job_id: str,
-        *,
-        expect_states: Collection[str],
-        expect_attempt: int | None = None,
-        expect_agent: str | None = None,
-        fence_epoch: int | None = None,
-        changes: Mapping[str, Any],
-        increments: Mapping[str, int] | None = None,
-    ) -> JobRecord | None:
-        if "state" in changes:
-            state = str(changes["state"])
+    async def update_jobs(self, updates: Sequence[JobUpdate], *, fence_epoch: int | None = None) -> list[JobRecord | None]:
+        # update_job goes through here too (SqliteStore.update_job is update_jobs of one).
+        states = [str(u.changes["state"]) for u in updates if "state" in u.changes]
+        for job_id, state in zip((u.job_id for u in updates if "state" in u.changes), states, strict=True):
             assert state in self.ledger.pending, f"job {job_id}: state {state!r} written without transition()"
+        if states:
             self.ledger.pending.clear()
-        updated = await super().update_job(
-            job_id, expect_states=expect_states, expect_attempt=expect_attempt, expect_agent=expect_agent,
-            fence_epoch=fence_epoch, changes=changes, increments=increments,
-        )
-        if updated is not None and "state" in changes:
-            self.ledger.written.append((job_id, updated.state))
-        return updated
+        results = await super().update_jobs(updates, fence_epoch=fence_epoch)
+        for u, updated in zip(updates, results, strict=True):
+            if updated is not None and "state" in u.changes:
+                self.ledger.written.append((u.job_id, updated.state))
+        return results
 
 
 class FakeAgentLink:

@@ -51,7 +51,7 @@ def test_bad_requests_get_errors_and_the_socket_survives(server: ServerProcess) 
         ws.send(json.dumps({"type": "subscribe", "topic": "weather"}))
         assert _recv_json(ws)["code"] == "bad-topic"
         ws.send(json.dumps({"type": "subscribe", "topic": "job:job_missing", "from_offset": 0}))
-        assert _recv_json(ws)["code"] == "unknown-job"
+        assert _recv_json(ws)["code"] == "forbidden"  # as for another user's job (tests/integration/test_isolation.py)
         ws.send(json.dumps({"type": "ping", "id": "7"}))
         assert _recv_json(ws) == {"type": "pong", "id": "7"}
         ws.send(json.dumps({"type": "subscribe", "topic": "jobs"}))

@@ -114,11 +114,11 @@ def test_keys_are_listed_without_secrets_everyones_to_admins_only(server: Server
     listed = server.api("GET", "/api/v1/keys?all=true")["keys"]
     by_id = {k["id"]: k for k in listed}
     assert set(by_id[user_key_id]) == {
-        "id", "name", "hint", "role", "owner", "created_at", "expires_at", "last_used_at", "revoked_at"
+        "id", "name", "prefix", "scopes", "owner", "created_at", "expires_at", "last_used_at", "revoked_at"
     }
     admin = next(k for k in listed if k["owner"] == "admin")
-    assert admin["name"] == "admin (first start)" and admin["role"] == "admin" and admin["revoked_at"] is None
-    assert admin["hint"] == tokens.hint(server.admin_key) and admin["last_used_at"] is not None
+    assert admin["name"] == "admin (first start)" and admin["scopes"] is None and admin["revoked_at"] is None
+    assert admin["prefix"] == tokens.hint(server.admin_key) and admin["last_used_at"] is not None
     text = json.dumps(listed)
     assert server.admin_key not in text and user_token not in text and tokens.token_hash(user_token) not in text
     for method, path, refused in (

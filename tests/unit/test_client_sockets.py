@@ -74,3 +74,31 @@ async def test_the_sweep_closes_sockets_whose_key_no_longer_works() -> None:
     sockets.try_add(a2, 10)
     assert await sockets.sweep() == 1
     assert a2.closed_with == CloseCode.REVOKED and a1.closed_with is None
+
+
+ALICE_TOKEN_1 = Principal(id="alice", role="user", credential="access-token", token_id="jti_1")
+ALICE_TOKEN_2 = Principal(id="alice", role="user", credential="access-token", token_id="jti_2")
+
+
+def test_revocations_of_one_token_or_of_every_session_spare_the_rest() -> None:
+    sockets = ClientSockets(MemoryBroker(), always_valid)
+    links = {p: Link(p) for p in (ALICE_1, ALICE_2, ALICE_TOKEN_1, ALICE_TOKEN_2, BOB)}
+    for link in links.values():
+        sockets.try_add(link, 10)
+    assert sockets.close_matching(Revocation(principal_id="alice", token_id="jti_1")) == 1  # a logout
+    assert links[ALICE_TOKEN_1].closed_with == CloseCode.REVOKED and links[ALICE_TOKEN_2].closed_with is None
+    assert sockets.close_matching(Revocation(principal_id="alice", access_tokens=True)) == 2  # a password change
+    assert links[ALICE_TOKEN_2].closed_with == CloseCode.REVOKED
+    assert links[ALICE_1].closed_with is None and links[ALICE_2].closed_with is None and links[BOB].closed_with is None
+
+
+async def test_the_sweep_closes_only_the_sockets_of_an_expired_access_token() -> None:
+    async def still_valid(principal: Principal) -> bool:
+        return principal.token_id != "jti_1"
+
+    sockets = ClientSockets(MemoryBroker(), still_valid)
+    expired, live, by_key = Link(ALICE_TOKEN_1), Link(ALICE_TOKEN_2), Link(ALICE_1)
+    for link in (expired, live, by_key):
+        sockets.try_add(link, 10)
+    assert await sockets.sweep() == 1
+    assert expired.closed_with == CloseCode.REVOKED and live.closed_with is None and by_key.closed_with is None

@@ -61,3 +61,11 @@ def test_ordinary_text_is_left_alone() -> None:
 
 def test_a_record_whose_args_do_not_fit_its_message_is_still_logged() -> None:
     assert _emit(_record("%s and %s", (f"/a?ticket={TICKET}",)))["msg"] == "%s and %s"
+
+
+def test_refresh_tokens_and_jwts_are_redacted() -> None:
+    refresh = tokens.new_token("refresh")
+    jwt = "eyJhbGciOiJFZERTQSIsInR5cCI6ImF0K2p3dCJ9.eyJzdWIiOiJ1MSJ9.c2lnbmF0dXJl-_x"
+    text = redact(f"refresh={refresh} then access {jwt}, done")
+    assert refresh not in text and jwt not in text and "c2lnbmF0dXJl" not in text
+    assert text == "refresh=ymr_[redacted] then access jwt:[redacted], done"

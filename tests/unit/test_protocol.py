@@ -154,3 +154,18 @@ def test_invalid_specs_name_the_field(body: bytes, field: str) -> None:
     with pytest.raises(msgspec.ValidationError) as err:
         decode_spec_request(body)
     assert validation_field(err.value) == field
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b'{"image": "x", "command": ["true"], "labels": ["gpu\\n"]}', "labels[0]"),
+        (b'{"image": "x", "command": ["true"], "user": "1000\\n"}', "user"),
+        (b'{"image": "x", "command": ["true"], "env": {"PATH\\n": "x"}}', "env"),
+    ],
+)
+def test_a_trailing_newline_never_passes_a_pattern(body: bytes, field: str) -> None:
+    # `$` would match before a final newline (msgspec patterns are searched like re.search).
+    with pytest.raises(msgspec.ValidationError) as refused:
+        decode_spec_request(body)
+    assert validation_field(refused.value) == field
