@@ -43,10 +43,10 @@ class Runtime:
         self.metrics = Metrics()
         self.events = EventPublisher(broker)
         self.topics = TopicHub(broker, self.metrics.client_messages_out)
-        self.tickets = TicketService(broker, store, s.ws_ticket_ttl_s)
+        self.tickets = TicketService(broker, self.credential_still_valid, s.ws_ticket_ttl_s)
         self.principal_cache = PrincipalCache(s.api_key_cache_s)
         self.client_sockets = ClientSockets(
-            broker, self._key_still_valid, on_revocation=lambda r: self.principal_cache.forget(r.principal_id, r.key_id)
+            broker, self.credential_still_valid, on_revocation=lambda r: self.principal_cache.forget(r.principal_id, r.key_id)
         )
         self.keys = KeyService(store, self.client_sockets)
         self.audit = AuditLog(store)
@@ -88,7 +88,9 @@ class Runtime:
         self.admin_key_created: str | None = None
         self._presence_task: asyncio.Task[None] | None = None
 
-    async def _key_still_valid(self, principal: Principal) -> bool:
+    async def credential_still_valid(self, principal: Principal) -> bool:
+        """Whether the credential a ticket or an open socket was made from still works: the
+        Store's view (`still_valid`) and, for an access token, the Broker's logout denylist."""
         if principal.token_id is not None and await self.sessions.is_denied(principal.token_id):
             return False
         return await still_valid(self.store, principal)

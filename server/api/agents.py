@@ -3,15 +3,15 @@ the decisions are core.agent_registry's."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from yardmaster.protocol.jobs import Label, validation_field
-from yardmaster.server.api.auth import client_address, read_body, requires, runtime
+from yardmaster.protocol.jobs import Label
+from yardmaster.server.api.auth import client_address, read_struct, requires, runtime
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.api.views import agent_view
 from yardmaster.server.core.agent_registry import MAX_CAPACITY, MAX_LABELS, AgentNotFound
@@ -34,19 +34,6 @@ class AgentUpdate(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     capacity: Capacity | msgspec.UnsetType = msgspec.UNSET
 
 
-B = TypeVar("B", AgentCreate, AgentUpdate)
-
-
-async def _decode(request: Request, cls: type[B]) -> B:
-    body = await read_body(request, runtime(request).settings.max_request_body_bytes)
-    try:
-        return msgspec.json.decode(body, type=cls)
-    except msgspec.ValidationError as exc:
-        raise ApiError(422, "invalid-agent", str(exc), field=validation_field(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(422, "invalid-agent", str(exc)) from None
-
-
 def _not_found() -> ApiError:
     return ApiError(404, "not-found", "no such agent")
 
@@ -65,7 +52,7 @@ async def list_agents(request: Request, principal: Principal) -> Response:
 
 @requires("agents:admin")
 async def create_agent(request: Request, principal: Principal) -> Response:
-    spec = await _decode(request, AgentCreate)
+    spec = await read_struct(request, AgentCreate, "invalid-agent")
     agent, token = await runtime(request).agent_registry.create(spec.name, spec.labels, spec.capacity)
     details = {"name": agent.name, "labels": agent.labels, "capacity": agent.capacity}
     await _audit(request, principal, "agent.created", agent.id, details)
@@ -79,7 +66,7 @@ async def create_agent(request: Request, principal: Principal) -> Response:
 async def update_agent(request: Request, principal: Principal) -> Response:
     """Change an agent's registered labels and capacity. A connected agent whose grant changes is
     made to reconnect (close 1001), so that its welcome carries the new grant."""
-    change = await _decode(request, AgentUpdate)
+    change = await read_struct(request, AgentUpdate, "invalid-agent")
     try:
         agent, connected = await runtime(request).agent_registry.update(
             request.path_params["agent_id"],

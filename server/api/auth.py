@@ -9,11 +9,14 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
+
+import msgspec
 
 from starlette.requests import ClientDisconnect, HTTPConnection, Request
 from starlette.responses import Response
 
+from yardmaster.protocol.jobs import validation_field
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.runtime import Runtime
 from yardmaster.server.security import tokens
@@ -107,3 +110,18 @@ async def read_body(request: Request, limit: int) -> bytes:
         log.debug("client closed the connection before its request body was complete", extra={"path": request.url.path})
         raise ApiError(499, "client-closed", "the client closed the connection before its request body was complete") from None
     return bytes(body)
+
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+
+async def read_struct(request: Request, cls: type[S], code: str, limit: int | None = None) -> S:
+    """The JSON body as `cls` (at most `limit` bytes, default YM_MAX_REQUEST_BODY_BYTES); a body
+    that does not fit is 422 `code`, naming the field when msgspec says which."""
+    body = await read_body(request, limit or runtime(request).settings.max_request_body_bytes)
+    try:
+        return msgspec.json.decode(body, type=cls)
+    except msgspec.ValidationError as exc:
+        raise ApiError(422, code, str(exc), field=validation_field(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(422, code, str(exc)) from None

@@ -10,8 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from yardmaster.protocol.jobs import validation_field
-from yardmaster.server.api.auth import client_address, read_body, requires, runtime
+from yardmaster.server.api.auth import client_address, read_struct, requires, runtime
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.api.views import rfc3339
 from yardmaster.server.backends.records import ApiKeyRecord
@@ -50,20 +49,10 @@ def key_view(key: ApiKeyRecord) -> dict[str, Any]:
     }
 
 
-async def _decode(request: Request) -> KeyCreate:
-    body = await read_body(request, runtime(request).settings.max_request_body_bytes)
-    try:
-        return msgspec.json.decode(body, type=KeyCreate)
-    except msgspec.ValidationError as exc:
-        raise ApiError(422, "invalid-key", str(exc), field=validation_field(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(422, "invalid-key", str(exc)) from None
-
-
 @requires(AUTHENTICATED)
 async def create_key(request: Request, principal: Principal) -> Response:
     """201 with the key's view and, once, the key itself (`key`)."""
-    spec = await _decode(request)
+    spec = await read_struct(request, KeyCreate, "invalid-key")
     try:
         scopes = grantable(principal, spec.scopes)
     except ScopeNotGrantable as exc:

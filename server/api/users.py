@@ -6,13 +6,11 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-import msgspec
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from yardmaster.protocol.jobs import validation_field
-from yardmaster.server.api.auth import client_address, public, read_body, requires, runtime
+from yardmaster.server.api.auth import client_address, public, read_struct, requires, runtime
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.api.jobs import int_param
 from yardmaster.server.api.views import rfc3339
@@ -48,13 +46,7 @@ def user_view(user: UserRecord) -> dict[str, Any]:
 
 async def _decode(request: Request, cls: type[B]) -> B:
     limit = min(MAX_BODY_BYTES, runtime(request).settings.max_request_body_bytes)
-    body = await read_body(request, limit)
-    try:
-        return msgspec.json.decode(body, type=cls)
-    except msgspec.ValidationError as exc:
-        raise ApiError(422, "invalid-user", str(exc), field=validation_field(exc)) from None
-    except msgspec.DecodeError as exc:
-        raise ApiError(422, "invalid-user", str(exc)) from None
+    return await read_struct(request, cls, "invalid-user", limit)
 
 
 def _refused(exc: UserError) -> ApiError:

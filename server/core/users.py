@@ -45,31 +45,29 @@ class Profile(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     metadata: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
 
 
-class NewUser(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """A user to create (POST /api/v1/users; POST /api/v1/auth/register without `role`)."""
+class _Account(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """What every new account may be given."""
 
     username: Username
-    password: Password | None = None
     email: Email | None = None
     first_name: Name = ""
     last_name: Name = ""
     image_url: ImageUrl | None = None
     phone: Phone | None = None
     metadata: dict[str, Any] = {}
+
+
+class NewUser(_Account, kw_only=True):
+    """A user to create (POST /api/v1/users; self-registration and OIDC make one too)."""
+
+    password: Password | None = None
     role: Role = "user"
 
 
-class Registration(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class Registration(_Account, kw_only=True):
     """Self-registration: a password is required and the role is always "user"."""
 
-    username: Username
     password: Password
-    email: Email | None = None
-    first_name: Name = ""
-    last_name: Name = ""
-    image_url: ImageUrl | None = None
-    phone: Phone | None = None
-    metadata: dict[str, Any] = {}
 
 
 class AdminChange(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -224,7 +224,7 @@ class SessionService:
         if claims is None:
             return None
         # The denylist is read on every request (not cached): a logout holds at once everywhere.
-        if await self._broker.get_counter(denied_token_counter(claims.jti)):
+        if await self.is_denied(claims.jti):
             return None
         now = time.time()
         cache_key = _CACHE_PREFIX + claims.jti

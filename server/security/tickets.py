@@ -9,21 +9,22 @@ access token was signed out or expired since, is refused.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
-from yardmaster.server.backends.base import Broker, Store
-from yardmaster.server.backends.keys import PRESENCE_TICKET, denied_token_counter
+from yardmaster.server.backends.base import Broker
+from yardmaster.server.backends.keys import PRESENCE_TICKET
 from yardmaster.server.security import tokens
-from yardmaster.server.security.principals import Principal, still_valid
+from yardmaster.server.security.principals import Principal
 
 TICKET_PREFIX = "ymt_"
 
 
 class TicketService:
-    def __init__(self, broker: Broker, store: Store, ttl_s: float) -> None:
+    def __init__(self, broker: Broker, still_valid: Callable[[Principal], Awaitable[bool]], ttl_s: float) -> None:
         self._broker = broker
-        self._store = store
+        self._still_valid = still_valid  # the runtime's check of a credential, as the socket sweep uses
         self.ttl_s = ttl_s
 
     async def issue(self, principal: Principal) -> str:
@@ -35,7 +36,7 @@ class TicketService:
 
     async def redeem(self, ticket: str) -> Principal | None:
         """The ticket's principal, once; None for an unknown, used, expired or forged ticket, or
-        one whose API key no longer works. Either way the ticket is used up."""
+        one whose credential no longer works. Either way the ticket is used up."""
         if not ticket.startswith(TICKET_PREFIX) or len(ticket) > 100:
             return None
         key = tokens.token_hash(ticket)
@@ -43,6 +44,4 @@ class TicketService:
         if value is None or not await self._broker.delete_presence(PRESENCE_TICKET, key, if_value=value):
             return None
         principal = msgspec.json.decode(value, type=Principal)
-        if principal.token_id is not None and await self._broker.get_counter(denied_token_counter(principal.token_id)):
-            return None  # issued with an access token signed out since
-        return principal if await still_valid(self._store, principal) else None
+        return principal if await self._still_valid(principal) else None

@@ -26,17 +26,6 @@ REVOKED = 4001
 WITHIN_S = 5.0
 
 
-@pytest.fixture
-def redis(own_redis_server: RedisServer) -> RedisServer:
-    return own_redis_server
-
-
-@pytest.fixture
-def cluster(redis: RedisServer, cluster: Cluster) -> Cluster:
-    """The plugin's cluster, set up after (so torn down before) this test's redis-server."""
-    return cluster
-
-
 def still_open(ws: ClientConnection) -> bool:
     ws.send(json.dumps({"type": "ping", "id": "p"}))
     return bool(json.loads(ws.recv(5)) == {"type": "pong", "id": "p"})

@@ -108,17 +108,6 @@ def wait_all(server: ServerProcess, job_ids: list[str], states: set[str], timeou
 
 
 @pytest.fixture
-def redis(own_redis_server: RedisServer) -> RedisServer:
-    return own_redis_server
-
-
-@pytest.fixture
-def cluster(redis: RedisServer, cluster: Cluster) -> Cluster:
-    """The plugin's cluster, set up after (so torn down before) this test's redis-server."""
-    return cluster
-
-
-@pytest.fixture
 def replicas(cluster: Cluster, redis: RedisServer) -> list[ServerProcess]:
     return cluster.replicas(redis.url, 3)
 

@@ -25,17 +25,6 @@ pytestmark = pytest.mark.redis
 PASSWORD = "correct horse battery staple"
 
 
-@pytest.fixture
-def redis(own_redis_server: RedisServer) -> RedisServer:
-    return own_redis_server
-
-
-@pytest.fixture
-def cluster(redis: RedisServer, cluster: Cluster) -> Cluster:
-    """The plugin's cluster, set up after (so torn down before) this test's redis-server."""
-    return cluster
-
-
 def put_user(server: ServerProcess, username: str) -> None:
     """A user with PASSWORD, written straight into the replicas' shared SQLite file."""
 

@@ -20,17 +20,6 @@ REVOKED = 4001
 WITHIN_S = 5.0
 
 
-@pytest.fixture
-def redis(own_redis_server: RedisServer) -> RedisServer:
-    return own_redis_server
-
-
-@pytest.fixture
-def cluster(redis: RedisServer, cluster: Cluster) -> Cluster:
-    """The plugin's cluster, set up after (so torn down before) this test's redis-server."""
-    return cluster
-
-
 def http_status(server: ServerProcess, key: str) -> int:
     try:
         server.api("GET", "/api/v1/users/me", key=key)

@@ -277,14 +277,7 @@ def test_a_user_reads_and_edits_their_profile_but_not_their_role(server: ServerP
 
 
 def login(server: ServerProcess, username: str, password: str) -> tuple[int, Any]:
-    data = json.dumps({"username": username, "password": password}).encode()
-    req = urllib.request.Request(server.url + "/api/v1/auth/login", data=data, method="POST")
-    req.add_header("Content-Type", "application/json")
-    try:
-        with urllib.request.urlopen(req, timeout=15) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    return call(server, "POST", "/api/v1/auth/login", {"username": username, "password": password})
 
 
 def test_a_password_change_needs_the_current_password_and_signs_out_every_session(server: ServerProcess) -> None:

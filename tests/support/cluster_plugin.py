@@ -67,6 +67,9 @@ class Cluster:
 
 @pytest.fixture
 def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Cluster]:
+    if "own_redis_server" in request.fixturenames:
+        # The test's own redis-server starts first, so that it stops after the replicas using it.
+        request.getfixturevalue("own_redis_server")
     c = Cluster(tmp_path)
     try:
         yield c

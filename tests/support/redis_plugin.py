@@ -70,6 +70,12 @@ def own_redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def redis(own_redis_server: RedisServer) -> RedisServer:
+    """This test's own redis-server, by a short name (a `cluster` of the same test starts after it)."""
+    return own_redis_server
+
+
+@pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
 
