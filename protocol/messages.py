@@ -43,6 +43,8 @@ ERR_FORBIDDEN = "forbidden"
 ERR_BAD_TOPIC = "bad-topic"
 ERR_INTERNAL = "internal"
 ERR_UNEXPECTED = "unexpected-message"
+ERR_RATE_LIMITED = "rate-limited"  # client channel: over the socket's message rate
+ERR_QUOTA_EXCEEDED = "quota-exceeded"  # client channel: over the subscriptions per socket
 
 
 # ---- agent channel: agent -> server ------------------------------------------------------------

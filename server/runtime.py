@@ -16,7 +16,7 @@ from yardmaster.server.core.presence import ReplicaPresence, encode_presence
 from yardmaster.server.core.client_sockets import ClientSockets
 from yardmaster.server.core.events import EventPublisher, TopicHub
 from yardmaster.server.core.ids import new_id
-from yardmaster.server.core.jobs import JobService, JobTimings
+from yardmaster.server.core.jobs import JobService, JobTimings, QueuePolicy
 from yardmaster.server.core.scheduler import Scheduler, SchedulerTimings
 from yardmaster.server.observability.metrics import Metrics
 from yardmaster.server.security.bootstrap import ensure_admin_key
@@ -69,6 +69,7 @@ class Runtime:
             ),
             wake_scheduler=self.wake_scheduler,
             admission=AdmissionPolicy.from_settings(s),
+            queue=QueuePolicy(queued_jobs_quota=s.quota_queued_jobs, fair_share=s.fair_share),
         )
         self.scheduler = Scheduler(
             broker,

@@ -7,10 +7,12 @@ with the variable's name (never its value: some are secrets).
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NamedTuple
 
 import msgspec
 
@@ -26,6 +28,43 @@ Bytes = Annotated[int, msgspec.Meta(ge=1)]
 Count = Annotated[int, msgspec.Meta(ge=1)]
 
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+class RatePolicy(NamedTuple):
+    count: int
+    period_s: float
+
+    def __str__(self) -> str:
+        return f"{self.count}/{_period_text(self.period_s)}"
+
+
+_PERIOD_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)?\s*([smhd]?)\s*$")
+RATE_CLASSES = ("unauthenticated", "sign-in", "submit", "sandbox-create", "api", "admin", "handshake", "client-messages")
+
+
+@functools.lru_cache(maxsize=64)
+def parse_rate(text: str) -> RatePolicy | None:
+    """ "600/1m" -> 600 per 60 s; "600/m" is the same; "0" (or "off") -> None. ValueError if malformed."""
+    if text.strip().lower() in {"0", "off"}:
+        return None
+    match = _RATE.match(text)
+    if match is None:
+        raise ValueError("must be count/period, e.g. 600/1m (s, m, h, d; a bare number is seconds), or 0 for no limit")
+    count, amount, unit = int(match.group(1)), match.group(2), match.group(3)
+    if amount is None and not unit:
+        raise ValueError("must be count/period, e.g. 600/1m (s, m, h, d; a bare number is seconds), or 0 for no limit")
+    period = float(amount or 1) * _PERIOD_UNITS[unit or "s"]
+    if count < 1 or not 0.001 <= period <= 7 * 86_400:
+        raise ValueError("needs a count of at least 1 and a period from 1 ms to 7 days")
+    return RatePolicy(count, period)
+
+
+def _period_text(period_s: float) -> str:
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if period_s >= size and period_s % size == 0:
+            return f"{int(period_s // size)}{unit}"
+    return f"{period_s:g}s"
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -60,7 +99,23 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     # Connections
     limit_concurrency: Count = 10_000  # open connections + tasks uvicorn serves; beyond it, 503
     handshake_timeout_s: Seconds = 10.0  # a client that has not sent a whole request head by then is dropped
-    max_client_sockets_per_principal: Count = 100
+    # Rate limits, per class: "count/period" (period 30s, 15m, 1h or 1d; a bare number is seconds),
+    # "0" turns the class off. See security/rate_limits.py for what each class covers.
+    rate_unauthenticated: str = "100/15m"
+    rate_sign_in: str = "5/15m"
+    rate_submit: str = "600/1m"
+    rate_sandbox_create: str = "20/1h"
+    rate_api: str = "1200/1m"
+    rate_admin: str = "6000/1m"
+    rate_handshake: str = "60/1m"
+    rate_client_messages: str = "20/1s"
+    # Quotas per user (0: none), counted across replicas.
+    quota_queued_jobs: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    quota_running_jobs: Annotated[int, msgspec.Meta(ge=0)] = 20
+    quota_client_sockets: Annotated[int, msgspec.Meta(ge=0)] = 100
+    quota_subscriptions: Annotated[int, msgspec.Meta(ge=0)] = 100  # per client socket
+    sandbox_max_active: Annotated[int, msgspec.Meta(ge=0)] = 5
+    fair_share: bool = True  # round-robin across users inside a priority band
     # Admission policy for job specs
     max_job_memory_mb: Annotated[int, msgspec.Meta(ge=6)] = 8192
     max_job_cpus: Annotated[float, msgspec.Meta(gt=0)] = 8.0
@@ -107,6 +162,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     def oidc(self) -> bool:
         return self.oidc_issuer is not None
 
+    def rate(self, rate_class: str) -> RatePolicy | None:
+        """The policy of a rate class ("sign-in", …); None when it is turned off."""
+        return parse_rate(getattr(self, "rate_" + rate_class.replace("-", "_")))
+
     def effective_trusted_hosts(self) -> tuple[str, ...]:
         if self.trusted_hosts:
             return self.trusted_hosts
@@ -123,9 +182,16 @@ def env_name(field: str) -> str:
     return _ENV_PREFIX + field.upper()
 
 
+# Variables of earlier releases: refused at start with their new name, not silently ignored.
+RENAMED = {"YM_MAX_CLIENT_SOCKETS_PER_PRINCIPAL": "YM_QUOTA_CLIENT_SOCKETS (now per user across replicas)"}
+
+
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Settings from YM_* variables; keyword overrides (e.g. from CLI flags) win."""
     env = os.environ if environ is None else environ
+    for old, new in RENAMED.items():
+        if old in env:
+            raise SettingsError(f"{old}: renamed; set {new}")
     values: dict[str, object] = {}
     for name in Settings.__struct_fields__:
         raw = env.get(env_name(name))
@@ -187,6 +253,16 @@ def _validate(s: Settings) -> None:
     if any(v is not None for v in oidc.values()) and any(v is None for v in oidc.values()):
         missing = next(name for name, v in oidc.items() if v is None)
         raise SettingsError(f"{missing}: OIDC sign-in needs YM_OIDC_ISSUER, YM_OIDC_CLIENT_ID and YM_OIDC_REDIRECT_URI")
+    for rate_class in RATE_CLASSES:
+        try:
+            s.rate(rate_class)
+        except ValueError as exc:
+            raise SettingsError(f"{env_name('rate_' + rate_class.replace('-', '_'))}: {exc}") from None
+    for entry in s.trusted_proxies:
+        try:
+            ipaddress.ip_network(entry, strict=False)
+        except ValueError:
+            raise SettingsError("YM_TRUSTED_PROXIES: entries are IP addresses or networks (10.0.0.0/8)") from None
     if (s.tls_cert_file is None) != (s.tls_key_file is None):
         raise SettingsError("YM_TLS_CERT_FILE: set both YM_TLS_CERT_FILE and YM_TLS_KEY_FILE, or neither")
     for url_name, url, schemes in (

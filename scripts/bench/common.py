@@ -552,7 +552,7 @@ def profile(procs: Processes, target: Child) -> None:
 
 def server_env_for_sockets(n: int) -> dict[str, str]:
     """Settings that let one API key hold `n` client sockets (defaults: 100 per key, 10,000 in all)."""
-    return {"YM_MAX_CLIENT_SOCKETS_PER_PRINCIPAL": str(n + 100), "YM_LIMIT_CONCURRENCY": str(n + 1000)}
+    return {"YM_QUOTA_CLIENT_SOCKETS": str(n + 100), "YM_LIMIT_CONCURRENCY": str(n + 1000)}
 
 
 # ---- HTTP -------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from yardmaster.server.backends.base import BackendUnavailable
+from yardmaster.server.core.quotas import QuotaExceeded
+from yardmaster.server.security.rate_limits import RateLimited, rate_limit_headers
 
 log = logging.getLogger("yardmaster.api")
 
@@ -23,10 +25,14 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, field: str | None = None, headers: dict[str, str] | None = None,
+    **details: object,
+) -> JSONResponse:
     body: dict[str, object] = {"code": code, "message": message}
     if field is not None:
         body["field"] = field
+    body.update(details)
     return JSONResponse({"error": body}, status_code=status, headers=headers)
 
 
@@ -48,6 +54,29 @@ async def unavailable(request: Request, exc: Exception) -> Response:
     return error_response(503, "unavailable", "state backend unavailable; retry shortly", headers={"Retry-After": "1"})
 
 
+def rate_limited_response(exc: RateLimited) -> JSONResponse:
+    """429 `rate-limited` with Retry-After and the RateLimit header fields."""
+    headers = {"Retry-After": str(exc.retry_after_s), **rate_limit_headers(exc.rate_class, exc.policy, exc.decision)}
+    return error_response(429, "rate-limited", str(exc), headers=headers, retry_after_s=exc.retry_after_s,
+                          rate_class=exc.rate_class)
+
+
+def quota_exceeded_response(exc: QuotaExceeded) -> JSONResponse:
+    """429 `quota-exceeded` naming the quota, with Retry-After."""
+    return error_response(429, "quota-exceeded", str(exc), headers={"Retry-After": str(exc.retry_after_s)},
+                          quota=exc.quota, limit=exc.limit, retry_after_s=exc.retry_after_s)
+
+
+async def rate_limited(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RateLimited)
+    return rate_limited_response(exc)
+
+
+async def quota_exceeded(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, QuotaExceeded)
+    return quota_exceeded_response(exc)
+
+
 async def internal_error(request: Request, exc: Exception) -> Response:
     log.error("unhandled error", exc_info=exc, extra={"path": request.url.path})
     return error_response(500, "internal", "internal server error")
@@ -57,5 +86,7 @@ EXCEPTION_HANDLERS = {
     ApiError: api_error,
     HTTPException: http_error,
     BackendUnavailable: unavailable,
+    RateLimited: rate_limited,
+    QuotaExceeded: quota_exceeded,
     Exception: internal_error,
 }

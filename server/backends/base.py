@@ -34,14 +34,57 @@ class JobUpdate:
     increments: Mapping[str, int] | None = None
 
 
-_QUEUE_EPOCH_MS = 1_735_689_600_000  # 2025-01-01T00:00:00Z
-_PRIORITY_BAND = 10**12  # ms: 31 years of FIFO positions per priority band
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    """A job in the Broker's queue: `owner` is whose quota it counts against, `group` whose
+    turn it takes in the round-robin of its band (the owner, or one group for all under
+    YM_FAIR_SHARE=false)."""
+
+    job_id: str
+    owner: str
+    priority: int = 0
+    group: str = ""
+
+    @property
+    def share(self) -> str:
+        return self.group or self.owner
 
 
-def queue_score(priority: int, enqueued_at: float) -> float:
-    """Sorted-set score: higher priority first, then FIFO. Exact in a double for
-    priorities -1000..1000 (2001 bands of 1e12 < 2**53)."""
-    return float((1000 - priority) * _PRIORITY_BAND + max(0, int(enqueued_at * 1000) - _QUEUE_EPOCH_MS))
+@dataclass(frozen=True, slots=True)
+class RateCheck:
+    """One request against rate-limit buckets: `limit` requests per `period_ms` (GCRA: a burst
+    of `limit`, then one every period/limit), on every bucket in `buckets`."""
+
+    buckets: tuple[str, ...]
+    limit: int
+    period_ms: int
+    cost: int = 1
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.cost <= self.limit and self.period_ms > 0 and self.buckets):
+            raise ValueError("a rate check needs buckets, period_ms > 0 and 1 <= cost <= limit")
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    allowed: bool
+    remaining: int  # requests the most used bucket still allows right now
+    retry_after_ms: int  # 0 when allowed; otherwise when this request would be
+    reset_ms: int  # until the most used bucket is full again
+
+
+BAND_SIZE = 10**12  # tags per priority band
+
+
+def priority_band(priority: int) -> int:
+    """0 for the highest priority (1000) to 2000 for the lowest (-1000)."""
+    return 1000 - max(-1000, min(1000, priority))
+
+
+def queue_score(priority: int, tag: int) -> float:
+    """Sorted-set score: higher priority first, then the fair-share tag. Exact in a double
+    (2001 bands of 1e12 tags < 2**53)."""
+    return float(priority_band(priority) * BAND_SIZE + tag)
 
 
 class BackendUnavailable(Exception):
@@ -72,12 +115,22 @@ class Broker(Protocol):
     async def ping(self) -> None:
         """Raise BackendUnavailable if the broker cannot be reached."""
 
-    # -- job queue: one sorted set ordered by queue_score ---------------------------------------
-    async def enqueue(self, job_id: str, priority: int, enqueued_at: float) -> None:
-        """Add the job (idempotent: enqueuing a queued job keeps its position)."""
+    # -- job queue: one sorted set, fair across owners inside each priority band ----------------
+    # Each entry's score is (band, tag): bands by priority, and inside a band a tag that makes
+    # the set round-robin across fair-share groups (see `queue_score`). Ties go by job id, which
+    # sorts by creation time. Every entry counts against its owner's queued-jobs quota.
+    async def enqueue_many(self, entries: Sequence[QueueEntry], *, front: bool = False) -> None:
+        """Add each entry not already queued (a queued one keeps its place), with no quota check,
+        in one round trip. `front`: at the head of its band's current round (a job coming back
+        after a lost lease), instead of behind its group's other entries."""
 
-    async def enqueue_many(self, items: Collection[tuple[str, int, float]]) -> None:
-        """`enqueue` for each (job_id, priority, enqueued_at), in one round trip."""
+    async def admit_many(self, batches: Sequence[Sequence[QueueEntry]], quota: int) -> list[bool]:
+        """Each batch (one submit) is added whole, or not at all when that would give one of its
+        owners more than `quota` queued entries (0: no quota); in order, atomically across
+        replicas, in one round trip. Entries already queued add nothing and count as added."""
+
+    async def queued_count(self, owner: str) -> int:
+        """How many entries of `owner` are queued."""
 
     async def peek(self, limit: int) -> list[str]:
         """Up to `limit` job ids in queue order, without removing them."""
@@ -128,6 +181,24 @@ class Broker(Protocol):
         """The counter's value; 0 when missing or expired."""
 
     async def delete_counter(self, name: str) -> None: ...
+
+    # -- rate limits (GCRA, see security/gcra.py) and slots (counted leases) --------------------
+    async def rate_limit(self, checks: Sequence[RateCheck]) -> list[RateDecision]:
+        """Each check in order, atomically, in one round trip: allowed only when every one of its
+        buckets allows it, and then charged to all of them (a refused check charges none). Time is
+        the Broker's own clock, so every replica sees the same buckets."""
+
+    async def acquire_slot(self, name: str, member: str, limit: int, ttl_ms: int) -> bool:
+        """Hold one of `limit` slots of `name` as `member` for `ttl_ms` (again: renewed); False
+        when all are held. Slots not renewed in time free themselves (a replica that died)."""
+
+    async def renew_slots(self, slots: Collection[tuple[str, str]], ttl_ms: int) -> None:
+        """Extend each held (name, member) slot by `ttl_ms` from now; one round trip."""
+
+    async def release_slot(self, name: str, member: str) -> None: ...
+
+    async def count_slots(self, name: str) -> int:
+        """How many slots of `name` are held now."""
 
     # -- pub/sub ----------------------------------------------------------------------------------
     async def publish(self, channel: str, data: bytes) -> None: ...
@@ -277,6 +348,12 @@ class Store(Protocol):
 
     async def active_job_counts(self) -> dict[str, int]:
         """Per agent id, how many jobs are in a leased state on it (slots in use)."""
+
+    async def active_jobs_by_owner(self) -> dict[str, int]:
+        """Per owner, how many of their jobs are in a leased state (running-jobs quota)."""
+
+    async def count_jobs(self, *, owner: str, states: Collection[str]) -> int:
+        """How many of `owner`'s jobs are in one of `states`."""
 
     async def renew_leases(self, agent_id: str, jobs: Collection[tuple[str, int]], until: float) -> list[str]:
         """Extend the lease of each (job, attempt) leased to `agent_id`; return the renewed ids."""

@@ -55,18 +55,44 @@ def denied_token_counter(jti: str) -> str:
     return f"denied-token:{jti}"
 
 
+def rate_bucket(rate_class: str, kind: str, subject: str) -> str:
+    """A rate-limit bucket: `rate_class` (security/rate_limits.py) counted per `kind` ("user",
+    "agent", "address", "account", …) of `subject` (an id, or a hash of an address or login)."""
+    return f"{rate_class}:{kind}:{subject}"
+
+
+def client_sockets_slots(user_id: str) -> str:
+    """The client sockets a user holds open, across replicas (one slot per socket)."""
+    return f"client-sockets:{user_id}"
+
+
 # ---- the Redis key layout (RedisBroker), all under one prefix ---------------------------------
 
 DEFAULT_REDIS_PREFIX = "ym:"
 
 
 class RedisKeys:
-    """queue, lock:<name>, epoch:<name>, presence:<kind>:<member>, presence-index:<kind>,
-    counter:<name>, and channels ch:<channel>. Epoch keys have no TTL: fencing needs them to survive."""
+    """queue (sorted set) with queue-owners (job -> owner), queue-counts (owner -> entries),
+    queue-last:<group> (band -> the group's last tag) and queue-band-max (band -> highest tag);
+    lock:<name>, epoch:<name>, presence:<kind>:<member>, presence-index:<kind>, counter:<name>,
+    rate:<bucket> (a GCRA TAT), slots:<name> (sorted set, member -> expiry), and channels
+    ch:<channel>. Epoch keys have no TTL: fencing needs them to survive."""
 
     def __init__(self, prefix: str = DEFAULT_REDIS_PREFIX) -> None:
         self.prefix = prefix
         self.queue = f"{prefix}queue"
+        self.queue_owners = f"{prefix}queue-owners"
+        self.queue_counts = f"{prefix}queue-counts"
+        self.queue_band_max = f"{prefix}queue-band-max"
+
+    def queue_last(self, group: str) -> str:
+        return f"{self.prefix}queue-last:{group}"
+
+    def rate(self, bucket: str) -> str:
+        return f"{self.prefix}rate:{bucket}"
+
+    def slots(self, name: str) -> str:
+        return f"{self.prefix}slots:{name}"
 
     def lock(self, name: str) -> str:
         return f"{self.prefix}lock:{name}"

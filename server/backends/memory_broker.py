@@ -10,7 +10,9 @@ import bisect
 import time
 from collections.abc import Callable, Collection, Sequence
 
-from yardmaster.server.backends.base import queue_score
+from yardmaster.server.backends.base import BAND_SIZE, QueueEntry, RateCheck, RateDecision, priority_band, queue_score
+from yardmaster.server.backends.fair_queue import next_tag
+from yardmaster.server.security.gcra import combine, gcra
 
 DEFAULT_SUBSCRIPTION_BUFFER = 10_000
 """Messages a subscription may hold unread. A subscriber that falls this far behind is dropped
@@ -101,6 +103,12 @@ class MemoryBroker:
         self._buffer = subscription_buffer
         self._queue: list[tuple[float, str]] = []  # sorted (score, job_id), like a Redis zset
         self._scores: dict[str, float] = {}
+        self._owners: dict[str, str] = {}  # queued job id -> owner
+        self._queued: dict[str, int] = {}  # owner -> queued entries
+        self._last_tags: dict[str, dict[int, int]] = {}  # fair-share group -> band -> its last tag
+        self._band_max: dict[int, int] = {}  # band -> highest tag given in it
+        self._rates: dict[str, float] = {}  # bucket -> TAT (ms, monotonic clock)
+        self._slots: dict[str, dict[str, float]] = {}  # name -> member -> expires at (monotonic)
         self._locks: dict[str, tuple[str, float]] = {}  # name -> (owner, expires_at)
         self._epochs: dict[str, int] = {}
         self._presence: dict[str, dict[str, tuple[str, float]]] = {}
@@ -120,16 +128,45 @@ class MemoryBroker:
         pass
 
     # -- job queue ---------------------------------------------------------------------------
-    async def enqueue(self, job_id: str, priority: int, enqueued_at: float) -> None:
-        if job_id in self._scores:
-            return
-        score = queue_score(priority, enqueued_at)
-        self._scores[job_id] = score
-        bisect.insort(self._queue, (score, job_id))
+    def _add(self, entry: QueueEntry, front: bool) -> None:
+        band = priority_band(entry.priority)
+        i = bisect.bisect_left(self._queue, (band * BAND_SIZE, ""))
+        head = self._queue[i] if i < len(self._queue) else None
+        head_tag = int(head[0]) - band * BAND_SIZE if head is not None and head[0] < (band + 1) * BAND_SIZE else None
+        last = self._last_tags.get(entry.share, {})
+        tag = next_tag(head_tag, self._band_max.get(band, 0), last.get(band, 0), front)
+        if not front:
+            self._last_tags.setdefault(entry.share, {})[band] = tag
+        self._band_max[band] = max(self._band_max.get(band, 0), tag)
+        score = queue_score(entry.priority, tag)
+        self._scores[entry.job_id] = score
+        self._owners[entry.job_id] = entry.owner
+        self._queued[entry.owner] = self._queued.get(entry.owner, 0) + 1
+        bisect.insort(self._queue, (score, entry.job_id))
 
-    async def enqueue_many(self, items: Collection[tuple[str, int, float]]) -> None:
-        for job_id, priority, enqueued_at in items:
-            await self.enqueue(job_id, priority, enqueued_at)
+    async def enqueue_many(self, entries: Sequence[QueueEntry], *, front: bool = False) -> None:
+        for entry in entries:
+            if entry.job_id not in self._scores:
+                self._add(entry, front)
+
+    async def admit_many(self, batches: Sequence[Sequence[QueueEntry]], quota: int) -> list[bool]:
+        admitted: list[bool] = []
+        for batch in batches:
+            new = [e for e in dict((e.job_id, e) for e in batch).values() if e.job_id not in self._scores]
+            if quota > 0:
+                per_owner: dict[str, int] = {}
+                for entry in new:
+                    per_owner[entry.owner] = per_owner.get(entry.owner, 0) + 1
+                if any(self._queued.get(owner, 0) + n > quota for owner, n in per_owner.items()):
+                    admitted.append(False)
+                    continue
+            for entry in new:
+                self._add(entry, False)
+            admitted.append(True)
+        return admitted
+
+    async def queued_count(self, owner: str) -> int:
+        return self._queued.get(owner, 0)
 
     async def peek(self, limit: int) -> list[str]:
         return [job_id for _, job_id in self._queue[: max(0, limit)]]
@@ -140,6 +177,13 @@ class MemoryBroker:
             return False
         i = bisect.bisect_left(self._queue, (score, job_id))
         del self._queue[i]
+        owner = self._owners.pop(job_id)
+        left = self._queued[owner] - 1
+        if left:
+            self._queued[owner] = left
+        else:
+            del self._queued[owner]
+            self._last_tags.pop(owner, None)  # a group with nothing queued starts at the next round
         return True
 
     async def remove_many(self, job_ids: Collection[str]) -> None:
@@ -236,6 +280,53 @@ class MemoryBroker:
 
     async def delete_counter(self, name: str) -> None:
         self._counters.pop(name, None)
+
+    # -- rate limits and slots -------------------------------------------------------------------
+    async def rate_limit(self, checks: Sequence[RateCheck]) -> list[RateDecision]:
+        now = time.monotonic() * 1000
+        decisions = []
+        for check in checks:
+            verdicts = [gcra(self._rates.get(b), now, check.limit, check.period_ms, check.cost) for b in check.buckets]
+            allowed, remaining, retry, reset = combine(verdicts)
+            if allowed:
+                for bucket, verdict in zip(check.buckets, verdicts, strict=True):
+                    self._rates[bucket] = verdict.tat_ms
+            decisions.append(RateDecision(allowed, remaining, retry, reset))
+        if len(self._rates) > 10_000:  # a bucket whose TAT has passed is full: the same as none
+            self._rates = {k: tat for k, tat in self._rates.items() if tat > now}
+        return decisions
+
+    def _held(self, name: str) -> dict[str, float]:
+        held = self._slots.get(name, {})
+        now = time.monotonic()
+        for member in [m for m, expires_at in held.items() if expires_at <= now]:
+            del held[member]
+        return held
+
+    async def acquire_slot(self, name: str, member: str, limit: int, ttl_ms: int) -> bool:
+        held = self._held(name)
+        if member not in held and len(held) >= limit:
+            return False
+        self._slots[name] = held
+        held[member] = time.monotonic() + ttl_ms / 1000
+        return True
+
+    async def renew_slots(self, slots: Collection[tuple[str, str]], ttl_ms: int) -> None:
+        expires_at = time.monotonic() + ttl_ms / 1000
+        for name, member in slots:
+            held = self._held(name)
+            if member in held:
+                held[member] = expires_at
+
+    async def release_slot(self, name: str, member: str) -> None:
+        held = self._slots.get(name)
+        if held is not None:
+            held.pop(member, None)
+            if not held:
+                del self._slots[name]
+
+    async def count_slots(self, name: str) -> int:
+        return len(self._held(name))
 
     # -- pub/sub -------------------------------------------------------------------------------
     async def publish(self, channel: str, data: bytes) -> None:

@@ -542,6 +542,18 @@ class MongoStore:
         return {d["_id"]: int(d["n"]) for d in await cursor.to_list(None)}
 
     @_unavailable
+    async def active_jobs_by_owner(self) -> dict[str, int]:
+        pipeline: list[Doc] = [{"$match": {"state": {"$in": _LEASED}}}, {"$group": {"_id": "$owner", "n": {"$sum": 1}}}]
+        cursor = await self._c("jobs").aggregate(pipeline)
+        return {d["_id"]: int(d["n"]) for d in await cursor.to_list(None)}
+
+    @_unavailable
+    async def count_jobs(self, *, owner: str, states: Collection[str]) -> int:
+        if not states:
+            return 0
+        return int(await self._c("jobs").count_documents({"owner": owner, "state": {"$in": sorted(states)}}))
+
+    @_unavailable
     async def renew_leases(self, agent_id: str, jobs: Collection[tuple[str, int]], until: float) -> list[str]:
         renewed: list[str] = []
         coll = self._c("jobs")

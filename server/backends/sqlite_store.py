@@ -521,6 +521,21 @@ class SqliteStore:
         )
         return {r[0]: r[1] for r in rows}
 
+    async def active_jobs_by_owner(self) -> dict[str, int]:
+        rows = await self._fetchall(
+            f"SELECT owner, COUNT(*) FROM jobs WHERE state IN ({_LEASED_SQL}) GROUP BY owner", _LEASED
+        )
+        return {r[0]: r[1] for r in rows}
+
+    async def count_jobs(self, *, owner: str, states: Collection[str]) -> int:
+        wanted = sorted(states)
+        if not wanted:
+            return 0
+        rows = await self._fetchall(
+            f"SELECT COUNT(*) FROM jobs WHERE owner = ? AND state IN ({','.join('?' * len(wanted))})", (owner, *wanted)
+        )
+        return int(rows[0][0])
+
     async def renew_leases(self, agent_id: str, jobs: Collection[tuple[str, int]], until: float) -> list[str]:
         if not jobs:
             return []

@@ -419,7 +419,7 @@ async def client_endpoint(websocket: WebSocket) -> None:
     conn = ClientConnection(rt, principal)
     # Registered before the upgrade: counted against the cap, and closed if its key is revoked.
     # It leaves the registry when `run` ends.
-    cap = rt.settings.max_client_sockets_per_principal
+    cap = rt.settings.quota_client_sockets or 1 << 30
     if not rt.client_sockets.try_add(conn, cap):
         await deny(websocket, 429, "too-many-sockets", f"at most {cap} open client sockets per principal on one server")
         return

@@ -32,3 +32,17 @@ def new_id(prefix: str) -> str:
         chars.append(_ALPHABET[value & 31])
         value >>= 5
     return f"{prefix}_{''.join(reversed(chars))}"
+
+
+def id_time(ident: str) -> float | None:
+    """When an id of `new_id` was made (seconds since the epoch); None if it is not one."""
+    _, _, body = ident.rpartition("_")
+    if len(body) != 26:
+        return None
+    value = 0
+    for char in body:
+        digit = _ALPHABET.find(char)
+        if digit < 0:
+            return None
+        value = value << 5 | digit
+    return (value >> _RANDOM_BITS) / 1000

@@ -24,13 +24,14 @@ from yardmaster.protocol.jobs import (
     sources_of,
     transition,
 )
-from yardmaster.server.backends.base import BackendUnavailable, Broker, JobUpdate, Store
+from yardmaster.server.backends.base import BackendUnavailable, Broker, JobUpdate, QueueEntry, Store
 from yardmaster.server.backends.records import JobRecord, LogEntry
 from yardmaster.server.core.admission import AdmissionPolicy, AdmissionRefused, check_spec
 from yardmaster.server.core.agents import AgentHub
-from yardmaster.server.core.batching import Coalescer
+from yardmaster.server.core.batching import Batcher, Coalescer
 from yardmaster.server.core.events import EventPublisher
 from yardmaster.server.core.ids import new_id
+from yardmaster.server.core.quotas import QUEUED_JOBS, QuotaExceeded
 from yardmaster.server.observability.metrics import Metrics
 
 log = logging.getLogger("yardmaster.jobs")
@@ -78,6 +79,15 @@ class JobTimings:
 
 
 @dataclass(frozen=True)
+class QueuePolicy:
+    queued_jobs_quota: int = 0  # per owner; 0: none
+    fair_share: bool = True  # round-robin across owners inside a priority band
+
+
+FAIR_SHARE_OFF_GROUP = "*"  # YM_FAIR_SHARE=false: every job takes its turn in one group (FIFO)
+
+
+@dataclass(frozen=True)
 class LogPage:
     entries: list[LogEntry]
     next_offset: int
@@ -97,6 +107,7 @@ class JobService:
         timings: JobTimings,
         wake_scheduler: Callable[[], None] = lambda: None,
         admission: AdmissionPolicy = AdmissionPolicy(),
+        queue: QueuePolicy = QueuePolicy(),
     ) -> None:
         self._store = store
         self._broker = broker
@@ -106,11 +117,19 @@ class JobService:
         self._timings = timings
         self._wake_scheduler = wake_scheduler
         self._admission = admission
+        self._queue = queue
         self._queued_listeners: list[Callable[[Sequence[JobRecord]], None]] = []
-        self._enqueues: Coalescer[tuple[str, int, float]] = Coalescer(self._enqueue_many, "enqueue")
+        self._requeues: Coalescer[QueueEntry] = Coalescer(self._requeue_many, "requeue")
+        self._admissions: Batcher[list[QueueEntry], bool] = Batcher(self._admit_many, "admit")
 
     async def close(self) -> None:
-        await self._enqueues.close()
+        await self._requeues.close()
+        await self._admissions.close()
+
+    def queue_entry(self, job: JobRecord) -> QueueEntry:
+        """The job as the Broker's queue holds it."""
+        group = job.owner if self._queue.fair_share else FAIR_SHARE_OFF_GROUP
+        return QueueEntry(job.id, job.owner, job.priority, group)
 
     def on_queued(self, listener: Callable[[Sequence[JobRecord]], None]) -> None:
         """Have `listener` told of the records of jobs this replica has just queued (submitted or
@@ -124,11 +143,16 @@ class JobService:
     # ---- users -------------------------------------------------------------------------------
 
     async def submit(self, spec: JobSpec, owner: str) -> JobRecord:
-        """Admit and queue a job. Raises AdmissionRefused naming the field the policy refuses."""
+        """Admit and queue a job. Raises AdmissionRefused naming the field the policy refuses,
+        QuotaExceeded when the owner's queued-jobs quota is full."""
         check_spec(spec, self._admission)
         job = _queued_record(spec, owner, time.time())
-        await self._store.create_job(job)
-        await self._enqueue(job)
+        await self._admit(owner, [job])
+        try:
+            await self._store.create_job(job)
+        except BaseException:
+            await self._withdraw([job])
+            raise
         self._metrics.transitions.labels("queued").inc()
         await self._events.job_state(job)
         self._queued([job])
@@ -136,9 +160,9 @@ class JobService:
         return job
 
     async def submit_many(self, specs: Collection[JobSpec], owner: str) -> list[JobRecord]:
-        """Admit and queue a batch, all or nothing: one Store transaction, one Broker enqueue, one
+        """Admit and queue a batch, all or nothing: one Broker admission, one Store transaction, one
         publish round trip. Raises AdmissionRefused naming `[index].field` of the first refused
-        spec, and then nothing is stored or queued."""
+        spec, or QuotaExceeded, and then nothing is stored or queued."""
         for i, spec in enumerate(specs):
             try:
                 check_spec(spec, self._admission)
@@ -150,28 +174,55 @@ class JobService:
         jobs = [_queued_record(spec, owner, now) for spec in specs]
         if not jobs:
             return []
-        await self._store.create_jobs(jobs)
+        await self._admit(owner, jobs)
         try:
-            await self._broker.enqueue_many([(job.id, job.priority, job.enqueued_at) for job in jobs])
-        except BackendUnavailable as exc:
-            # The Store says queued: the leader's reconciliation enqueues them once the Broker is back.
-            log.warning("jobs queued in the store, not yet in the broker", extra={"jobs": len(jobs), "reason": str(exc)})
+            await self._store.create_jobs(jobs)
+        except BaseException:
+            await self._withdraw(jobs)
+            raise
         self._metrics.transitions.labels("queued").inc(len(jobs))
         await self._events.job_states(jobs)
         self._queued(jobs)
         self._wake_scheduler()
         return jobs
 
-    async def _enqueue(self, job: JobRecord) -> None:
-        # Concurrent submits share a Broker round trip (Coalescer); each returns once its job is in.
-        await self._enqueues.add([(job.id, job.priority, job.enqueued_at)])
-
-    async def _enqueue_many(self, items: Sequence[tuple[str, int, float]]) -> None:
+    async def _admit(self, owner: str, jobs: Sequence[JobRecord]) -> None:
+        """Queue the jobs in the Broker, within the owner's quota, before the Store has them: the
+        Broker's queue is the one count every replica shares, so the quota holds across replicas
+        (a scheduler pass that meets an entry whose record is not written yet leaves it be)."""
+        quota = self._queue.queued_jobs_quota
         try:
-            await self._broker.enqueue_many(items)
+            admitted = await self._admissions.call([self.queue_entry(job) for job in jobs])
+        except BackendUnavailable as exc:
+            # The Store says queued once written; the leader's reconciliation enqueues them when
+            # the Broker is back. Meanwhile the quota is checked against the Store, by each
+            # replica on its own.
+            if quota and await self._store.count_jobs(owner=owner, states=["queued"]) + len(jobs) > quota:
+                admitted = False
+            else:
+                log.warning("jobs queued in the store, not yet in the broker", extra={"jobs": len(jobs), "reason": str(exc)})
+                return
+        if not admitted:
+            self._metrics.quota_exceeded.labels(QUEUED_JOBS).inc()
+            raise QuotaExceeded(QUEUED_JOBS, quota)
+
+    async def _admit_many(self, batches: Sequence[list[QueueEntry]]) -> list[bool]:
+        return await self._broker.admit_many(batches, self._queue.queued_jobs_quota)
+
+    async def _withdraw(self, jobs: Sequence[JobRecord]) -> None:
+        """Take back an admission whose Store write failed (best effort: a scheduler pass drops
+        an entry without a record once it is old enough)."""
+        try:
+            await self._broker.remove_many([job.id for job in jobs])
+        except BackendUnavailable:
+            pass
+
+    async def _requeue_many(self, entries: Sequence[QueueEntry]) -> None:
+        try:
+            await self._broker.enqueue_many(entries, front=True)
         except BackendUnavailable as exc:
             # The Store says queued: the leader's reconciliation enqueues them once the Broker is back.
-            log.warning("jobs queued in the store, not yet in the broker", extra={"jobs": len(items), "reason": str(exc)})
+            log.warning("jobs queued in the store, not yet in the broker", extra={"jobs": len(entries), "reason": str(exc)})
 
     async def get(self, job_id: str) -> JobRecord:
         job = await self._store.get_job(job_id)
@@ -445,7 +496,9 @@ class JobService:
                 changes["error"] = f"agent lost; {job.runs} of {job.spec.max_attempts} attempts used"
         updated = await self._transition(job, event, changes, fence_epoch=fence_epoch)
         if updated is not None and updated.state == "queued":
-            await self._enqueue(updated)
+            # Concurrent requeues share a Broker round trip; it goes to the head of its band's
+            # current round, as it had reached the head once already.
+            await self._requeues.add([self.queue_entry(updated)])
             self._queued([updated])
             self._wake_scheduler()
         return updated

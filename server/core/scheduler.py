@@ -20,6 +20,7 @@ from yardmaster.server.backends.base import BackendUnavailable, Broker, Store
 from yardmaster.server.backends.records import AgentRecord, JobRecord
 from yardmaster.server.core.agent_registry import grant_of
 from yardmaster.server.core.agents import AgentHub
+from yardmaster.server.core.ids import id_time
 from yardmaster.server.core.jobs import JobService
 from yardmaster.server.core.placement import AgentSlots, choose_agent
 from yardmaster.server.observability.metrics import Metrics
@@ -27,6 +28,9 @@ from yardmaster.server.observability.metrics import Metrics
 log = logging.getLogger("yardmaster.scheduler")
 
 FRESH_MAX = 10_000  # job records the leader keeps from their submission to their first pass
+# A queue entry is made before its job's record is written (the Broker's queue counts quotas):
+# an entry without a record is dropped only once it is older than this.
+UNWRITTEN_GRACE_S = 30.0
 
 
 @dataclass
@@ -293,7 +297,12 @@ class Scheduler:
             picks: list[tuple[JobRecord, AgentSlots]] = []
             for job_id in chunk:
                 job = jobs.get(job_id)
-                if job is None or job.state != "queued":
+                if job is None:
+                    made_at = id_time(job_id)
+                    if made_at is None or time.time() - made_at > UNWRITTEN_GRACE_S:
+                        stale.append(job_id)  # its submit failed after the admission
+                    continue  # being submitted: its record is on its way to the Store
+                if job.state != "queued":
                     stale.append(job_id)  # cancelled, or claimed before a crash
                     continue
                 agent = choose_agent(job.spec.labels, slots, job.spec.executor)
@@ -342,10 +351,15 @@ class Scheduler:
         per attempt and ignores one for an attempt it does not run)."""
         for job in await self._store.list_jobs(states=["cancelling"], limit=500):
             await self._jobs.send_cancel(job)
+        queued: list[JobRecord] = []
         before: str | None = None
         while True:
             page = await self._store.list_jobs(states=["queued"], limit=500, before=before)
-            await self._broker.enqueue_many([(job.id, job.priority, job.enqueued_at) for job in page])
+            queued += page
             if len(page) < 500:
-                return
+                break
             before = page[-1].id
+        # Oldest first, so that jobs the Broker lost take their fair-share turns in their order.
+        queued.sort(key=lambda job: (job.enqueued_at, job.id))
+        for start in range(0, len(queued), 500):
+            await self._broker.enqueue_many([self._jobs.queue_entry(job) for job in queued[start : start + 500]])

@@ -42,6 +42,13 @@ class Metrics:
         self.slow_consumers = Counter(
             "yardmaster_slow_consumers_closed", "Client sockets closed with 4008 (too slow).", registry=r
         )
+        self.rate_limited = Counter(
+            "yardmaster_rate_limited", "Requests, handshakes and client messages refused by a rate limit.", ["class"],
+            registry=r,
+        )
+        self.quota_exceeded = Counter(
+            "yardmaster_quota_exceeded", "Requests refused because a user's quota was reached.", ["quota"], registry=r
+        )
         for state in JOB_STATES:
             self.jobs.labels(state)
         for channel in ("agent", "client"):

@@ -20,23 +20,23 @@ async def test_a_batch_is_queued_in_submission_order_in_one_enqueue_and_one_publ
 ) -> None:
     calls: list[str] = []  # the JobService's calls (MemoryBroker's *_many call the single ones)
     depth = 0
-    for name in ("enqueue", "enqueue_many", "publish", "publish_many"):
+    for name in ("admit_many", "enqueue_many", "publish", "publish_many"):
         real = getattr(core.broker, name)
 
-        async def counted(*args: object, _real=real, _name=name) -> None:  # type: ignore[no-untyped-def]
+        async def counted(*args: object, _real=real, _name=name) -> object:  # type: ignore[no-untyped-def]
             nonlocal depth
             if depth == 0:
                 calls.append(_name)
             depth += 1
             try:
-                await _real(*args)
+                return await _real(*args)
             finally:
                 depth -= 1
 
         monkeypatch.setattr(core.broker, name, counted)
     watcher = await core.broker.subscribe(ALL_JOBS_CHANNEL)
     jobs = await core.rt.jobs.submit_many(specs(50), "alice")
-    assert calls == ["enqueue_many", "publish_many"]
+    assert calls == ["admit_many", "publish_many"]
     assert [j.spec.command for j in jobs] == [["echo", str(i)] for i in range(50)]
     assert await core.broker.peek(100) == [j.id for j in jobs]  # same priority: FIFO in batch order
     stored = await core.rt.jobs.list_jobs(owner="alice", limit=100)

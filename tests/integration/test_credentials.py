@@ -181,7 +181,7 @@ def test_a_new_YM_ADMIN_KEY_retires_the_previous_admin_keys(cluster: Cluster) ->
 
 
 def test_a_principal_over_its_socket_cap_gets_429_until_one_closes(cluster: Cluster) -> None:
-    server = cluster.server(env={"YM_MAX_CLIENT_SOCKETS_PER_PRINCIPAL": "3"})
+    server = cluster.server(env={"YM_QUOTA_CLIENT_SOCKETS": "3"})
     url, auth = f"{server.ws_url}/ws/client", {"Authorization": f"Bearer {server.admin_key}"}
     other_token, _ = put_key(server, "gina", "user")
     open_ = [client_socket(server, server.admin_key), client_socket(server, server.admin_key),

@@ -14,6 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from tests.support.limits import RATES_OFF
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Fast timings so lease expiry, reconnects and failover take seconds, not minutes.
@@ -28,6 +30,7 @@ FAST_SETTINGS = {
     "YM_LEADER_RENEW_S": "0.5",
     "YM_TIMEOUT_SLACK_S": "5",
     "YM_LOG_LEVEL": "info",
+    **RATES_OFF,
 }
 
 

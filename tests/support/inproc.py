@@ -21,6 +21,7 @@ from yardmaster.server.runtime import Runtime
 from yardmaster.server.security import passwords, tokens
 from yardmaster.server.security.scopes import ROLE_SCOPES
 from yardmaster.server.settings import Settings, load_settings
+from tests.support.limits import RATES_OFF
 
 T = TypeVar("T")
 BASE_URL = "http://127.0.0.1:8080"
@@ -110,7 +111,8 @@ class App:
 
 def settings_for(data_dir: Path, env: dict[str, str] | None = None) -> tuple[Settings, str]:
     admin_key = tokens.new_token("api-key")
-    return load_settings({"YM_DATA_DIR": str(data_dir), "YM_ADMIN_KEY": admin_key, **(env or {})}), admin_key
+    environ = {**RATES_OFF, "YM_DATA_DIR": str(data_dir), "YM_ADMIN_KEY": admin_key, **(env or {})}
+    return load_settings(environ), admin_key
 
 
 @contextmanager

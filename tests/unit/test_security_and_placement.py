@@ -54,7 +54,7 @@ def test_settings_from_environment_are_validated_by_name() -> None:
         ("YM_PORT", "70000"),
         ("YM_ALLOW_ROOT_JOBS", "maybe"),
         ("YM_MAX_JOB_CPUS", "-3"),
-        ("YM_MAX_CLIENT_SOCKETS_PER_PRINCIPAL", "-2"),
+        ("YM_QUOTA_CLIENT_SOCKETS", "-2"),
     ],
 )
 def test_settings_out_of_range_are_refused_naming_the_variable_not_the_value(name: str, value: str) -> None:
