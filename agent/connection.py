@@ -48,6 +48,27 @@ class AuthRefused(Exception):
         self.status = status
 
 
+class TryLater(Exception):
+    """The server refused the handshake for now (429: a rate limit), saying how long to wait."""
+
+    def __init__(self, status: int, retry_after_s: float) -> None:
+        super().__init__(f"server refused the handshake (HTTP {status}); retrying in at least {retry_after_s:g} s")
+        self.status = status
+        self.retry_after_s = retry_after_s
+
+
+# A Retry-After longer than this is not believed (a misconfigured proxy must not park the agent).
+MAX_RETRY_AFTER_S = 15 * 60
+
+
+def retry_after_s(value: str | None) -> float | None:
+    """Seconds from a Retry-After header of delay-seconds (an HTTP date is not sent by Yardmaster)."""
+    try:
+        return min(MAX_RETRY_AFTER_S, max(0.0, float(value))) if value is not None else None
+    except ValueError:
+        return None
+
+
 class FatalClose(Exception):
     """The server closed in a way that means: do not come back (4001, 4002, 4003)."""
 
@@ -142,6 +163,12 @@ class AgentConnection:
                 return await self._connect_or_stop(url)
             except (AuthRefused, FatalClose):
                 raise
+            except TryLater as later:
+                # The limit is per agent across replicas: another server would refuse it too.
+                log.warning("cannot connect to %s: %s", url, later)
+                delay = max(later.retry_after_s, backoff_delay(failures, self.settings.backoff_base_s,
+                                                               self.settings.backoff_cap_s, self._rng))
+                failures += 1
             except _SessionEnd as end:
                 if end.code == CloseCode.RESTARTING:
                     log.info("server %s is restarting; reconnecting to the next one", url)
@@ -201,6 +228,9 @@ class AgentConnection:
             status = exc.response.status_code
             if status in (401, 403):
                 raise AuthRefused(status) from None
+            wait = retry_after_s(exc.response.headers.get("Retry-After"))
+            if status == 429 and wait is not None:
+                raise TryLater(status, wait) from None
             raise
         try:
             return await self._session(ws, url)

@@ -11,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import WebSocketRoute
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from yardmaster.server.api import agents, cluster, health, jobs, keys
 from yardmaster.server.api import auth_routes
@@ -90,6 +91,11 @@ def build_app(
         Middleware(RequestContextMiddleware),
         Middleware(HostCheckMiddleware, allowed_hosts=hosts, any_ip_address=any_ip_address),
     ]
+    if settings.trusted_proxies:
+        # First, so that everything after it (HSTS by scheme, rate limits and audit by address)
+        # sees the client a trusted proxy forwarded: the first untrusted hop of X-Forwarded-For,
+        # counted from the right, and X-Forwarded-Proto. From any other peer both are ignored.
+        middleware.insert(0, Middleware(ProxyHeadersMiddleware, trusted_hosts=list(settings.trusted_proxies)))
     if settings.allowed_origins:
         # Starlette's CORS middleware does not cover WebSockets: the client channel checks Origin itself.
         middleware.append(

@@ -40,6 +40,7 @@ from yardmaster.server.sdk import (
     ServerUnreachable,
     YardmasterClient,
     plaintext_credential_warning,
+    retry_hint,
     tls_context,
 )
 from yardmaster.server.security.scopes import Scope
@@ -158,7 +159,8 @@ def error_line(exc: Exception, url: str, submitting: bool = False, session: bool
         if exc.status == 404 or exc.code in ("not-found", "unknown-job"):
             return f"not found: {exc.message}"
         if exc.status == 429:
-            return f"rate limited by the server: {exc.message}"
+            what = {"rate-limited": "rate limited by the server", "quota-exceeded": "quota exceeded"}.get(exc.code, "refused for now")
+            return f"{what} ({exc.code}): {exc.message}{retry_hint(exc.message, exc.retry_after)}"
         if exc.status >= 500:
             return f"server error ({exc.status}): {exc.message}"
         return exc.message if exc.status == 0 else f"{exc.message} ({exc.status} {exc.code})"

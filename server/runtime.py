@@ -17,9 +17,10 @@ from yardmaster.server.core.client_sockets import ClientSockets
 from yardmaster.server.core.events import EventPublisher, TopicHub
 from yardmaster.server.core.ids import new_id
 from yardmaster.server.core.jobs import JobService, JobTimings, QueuePolicy
-from yardmaster.server.core.scheduler import Scheduler, SchedulerTimings
+from yardmaster.server.core.scheduler import Scheduler, SchedulerPolicy, SchedulerTimings
 from yardmaster.server.observability.metrics import Metrics
 from yardmaster.server.security.bootstrap import ensure_admin_key
+from yardmaster.server.security.rate_limits import RateLimiter
 from yardmaster.server.security.tickets import TicketService
 from yardmaster.server.security.principals import Principal, PrincipalCache, still_valid
 from yardmaster.server.core.keys import KeyService
@@ -41,6 +42,7 @@ class Runtime:
         self.store = store
         self.replica_id = s.replica_id or new_id("rep")
         self.metrics = Metrics()
+        self.limiter = RateLimiter(s, broker, refused=lambda rate_class: self.metrics.rate_limited.labels(rate_class).inc())
         self.events = EventPublisher(broker)
         self.topics = TopicHub(broker, self.metrics.client_messages_out)
         self.tickets = TicketService(broker, self.credential_still_valid, s.ws_ticket_ttl_s)
@@ -85,6 +87,7 @@ class Runtime:
                 timeout_slack_s=s.timeout_slack_s,
             ),
             owner=self.replica_id,
+            policy=SchedulerPolicy(running_jobs_quota=s.quota_running_jobs),
         )
         self.admin_key_created: str | None = None
         self._presence_task: asyncio.Task[None] | None = None
@@ -122,6 +125,7 @@ class Runtime:
         await self.jobs.close()
         await self.events.close()
         await self.client_sockets.close()
+        await self.limiter.close()
         try:
             await self.broker.delete_presence(PRESENCE_REPLICA, self.replica_id)
         except BackendUnavailable:

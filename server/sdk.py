@@ -17,6 +17,7 @@ Errors from the server raise `RequestRefused`; a server that cannot be reached r
 from __future__ import annotations
 
 import json
+import math
 import os
 import ssl
 import time
@@ -58,7 +59,7 @@ class RequestRefused(Exception):
 
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
                  retry_after: float | None = None) -> None:
-        super().__init__(f"{status} {code}: {message}" + (f" (field {field})" if field else ""))
+        super().__init__(f"{status} {code}: {message}" + (f" (field {field})" if field else "") + retry_hint(message, retry_after))
         self.status = status
         self.code = code
         self.message = message
@@ -73,6 +74,13 @@ class ServerUnreachable(Exception):
         super().__init__(f"cannot reach the server at {url}: {reason}")
         self.url = url
         self.reason = reason
+
+
+def retry_hint(message: str, retry_after: float | None) -> str:
+    """"; retry in N s" for a refusal that says when to come back (unless its message says so)."""
+    if retry_after is None or "retry in" in message:
+        return ""
+    return f"; retry in {math.ceil(retry_after)} s"
 
 
 def _error_from_body(status: int, body: bytes, reason: str, retry_after: str | None = None) -> RequestRefused:
@@ -513,7 +521,8 @@ class _Follower:
                 resp = exc.response
                 if resp.status_code == 401 and self._renew_once():
                     continue
-                raise _error_from_body(resp.status_code, resp.body or b"", resp.reason_phrase) from None
+                raise _error_from_body(resp.status_code, resp.body or b"", resp.reason_phrase,
+                                       resp.headers.get("Retry-After")) from None
             except InvalidURI as exc:
                 raise ServerUnreachable(self.client.base_url, str(exc)) from None
             except ConnectionClosed as exc:

@@ -37,10 +37,10 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
         ws_ping_interval=20.0,
         ws_ping_timeout=20.0,
         limit_concurrency=settings.limit_concurrency,
-        # X-Forwarded-For/-Proto are believed from YM_TRUSTED_PROXIES only; none by default
-        # (uvicorn's own default trusts loopback, or $FORWARDED_ALLOW_IPS).
-        proxy_headers=bool(settings.trusted_proxies),
-        forwarded_allow_ips=list(settings.trusted_proxies),
+        # X-Forwarded-For/-Proto are read by the app's own ProxyHeadersMiddleware (app.py), from
+        # YM_TRUSTED_PROXIES only, so in-process tests and the server behave the same. uvicorn's
+        # own default would trust loopback, or $FORWARDED_ALLOW_IPS.
+        proxy_headers=False,
         ssl_certfile=settings.tls_cert_file,
         ssl_keyfile=settings.tls_key_file,
         lifespan="on",

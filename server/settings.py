@@ -259,10 +259,12 @@ def _validate(s: Settings) -> None:
         except ValueError as exc:
             raise SettingsError(f"{env_name('rate_' + rate_class.replace('-', '_'))}: {exc}") from None
     for entry in s.trusted_proxies:
+        if entry == "*":
+            continue
         try:
             ipaddress.ip_network(entry, strict=False)
         except ValueError:
-            raise SettingsError("YM_TRUSTED_PROXIES: entries are IP addresses or networks (10.0.0.0/8)") from None
+            raise SettingsError("YM_TRUSTED_PROXIES: entries are IP addresses, networks (10.0.0.0/8) or *") from None
     if (s.tls_cert_file is None) != (s.tls_key_file is None):
         raise SettingsError("YM_TLS_CERT_FILE: set both YM_TLS_CERT_FILE and YM_TLS_KEY_FILE, or neither")
     for url_name, url, schemes in (

@@ -457,10 +457,25 @@ class Server:
         return None
 
 
+# The limits of issue 9 as a benchmark needs them: every quota off (a benchmark's one client runs
+# thousands of jobs and sockets at once), every rate class on but far out of reach, so that what
+# the limiter costs is part of every figure. A server older than the limits ignores these.
+BENCH_RATE = "1000000/1s"
+BENCH_LIMITS = {
+    **{f"YM_RATE_{c.upper().replace('-', '_')}": BENCH_RATE
+       for c in ("unauthenticated", "sign-in", "submit", "sandbox-create", "api", "admin", "handshake", "client-messages")},
+    "YM_QUOTA_QUEUED_JOBS": "0",
+    "YM_QUOTA_RUNNING_JOBS": "0",
+    "YM_QUOTA_CLIENT_SOCKETS": "0",
+    "YM_QUOTA_SUBSCRIPTIONS": "0",
+}
+
+
 def start_server(procs: Processes, name: str, redis: Redis | None = None, env: dict[str, str] | None = None,
                  timeout: float = 30.0) -> Server:
-    """`yardmaster server` with its default timings and a fresh data dir; `redis` for Redis mode.
-    Its output goes to <name>.log; it is ready once /readyz says it leads the scheduler."""
+    """`yardmaster server` with its default timings, the limits of BENCH_LIMITS and a fresh data
+    dir; `redis` for Redis mode. Its output goes to <name>.log; it is ready once /readyz says it
+    leads the scheduler."""
     repo_on_path()
     from yardmaster.server.security.tokens import new_token
 
@@ -474,6 +489,7 @@ def start_server(procs: Processes, name: str, redis: Redis | None = None, env: d
         "YM_DATA_DIR": str(data_dir),
         "YM_ADMIN_KEY": admin_key,
         "YM_LOG_LEVEL": "warning",
+        **BENCH_LIMITS,
         **({"YM_REDIS_URL": redis.url} if redis else {}),
         **(env or {}),
     })

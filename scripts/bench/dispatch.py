@@ -22,8 +22,13 @@ Measured for each:
   submit     the HTTP submit path alone (no agent): submits/s with 1, 16 and 64 concurrent
              keep-alive connections; and a batch submit (a JSON list of specs) when the server
              takes one.
+  fair share (Yardmaster only) the burst again, its submits spread over 4 users (8 connections
+             each, so their jobs interleave in the queue), on servers with YM_FAIR_SHARE=true and
+             =false in alternating order, rounds of each (quick 1, full 3); the ratio of the
+             median jobs/s is fair share's cost (issue 9: under 10 %).
 CPU per job is the server's utime+stime from /proc (arq: the worker's) plus redis-server's
-(INFO used_cpu_*), over the measured phase.
+(INFO used_cpu_*), over the measured phase. Servers run with common.BENCH_LIMITS: quotas off, rate
+limits on but out of reach (their cost is in every figure).
 
 Load generators (this process, the fake agent, arq's producer) share the 2 cores with the
 system under test, as they do for every competitor. No target decides the exit code.
@@ -56,6 +61,7 @@ from common import (
     Targets,
     describe,
     header,
+    http_once,
     install_deadline,
     ms,
     num,
@@ -73,6 +79,8 @@ ARQ = {"arq-default": {"max_jobs": 10, "poll_delay": 0.5}, "arq-tuned": {"max_jo
 COMPETITORS = (*YM, *ARQ)
 BURST_CONCURRENCY = 32
 SPEC = {"image": "bench", "timeout_s": 3600}
+AB_USERS = 4  # the fair-share A/B's submitters: each its own fair-share group
+AB_PASSWORD = "bench-password-0123"
 
 
 # ---- results ----------------------------------------------------------------------------------
@@ -112,6 +120,25 @@ class OpenLoop:
         """A lag that climbs from the first half of the run to the second means the queue grows;
         a steady one (arq's poll delay) does not."""
         return self.missing > 0 or self.behind_second > 1.5 * self.behind_first + 0.05
+
+
+@dataclass
+class ShareAB:
+    """The fair-share A/B of one mode: the burst of each round, with and without fair share."""
+
+    mode: str
+    fair: list[Burst] = field(default_factory=list)
+    fifo: list[Burst] = field(default_factory=list)
+    failure: str | None = None
+
+    @staticmethod
+    def median_rate(bursts: list[Burst]) -> float | None:
+        return statistics.median(b.rate for b in bursts) if bursts else None
+
+    @property
+    def ratio(self) -> float | None:
+        fair, fifo = self.median_rate(self.fair), self.median_rate(self.fifo)
+        return fair / fifo if fair and fifo else None
 
 
 @dataclass
@@ -385,6 +412,68 @@ async def ym_batch_row(mode: str, server: Server, redis: Redis | None, pool: Htt
             f"{sum(cpu.values()) / max(count, 1) * 1000:.3f}", str(errors)]
 
 
+# ---- fair share A/B ------------------------------------------------------------------------------
+
+
+def user_keys(server: Server, n: int) -> list[str]:
+    """API keys of `n` new users (each signs in once and makes its own key)."""
+    keys = []
+    for i in range(n):
+        name = f"bench-user-{i}"
+        server.api("POST", "/api/v1/users", {"username": name, "password": AB_PASSWORD})
+        status, data = http_once(server.port, "POST", "/api/v1/auth/login", None, {"username": name, "password": AB_PASSWORD})
+        if status != 200:
+            raise BenchError(f"sign-in of {name}: HTTP {status}: {data[:200]!r}")
+        token = json.loads(data)["access_token"]
+        status, data = http_once(server.port, "POST", "/api/v1/keys", token, {"name": "bench"})
+        if status != 201:
+            raise BenchError(f"key of {name}: HTTP {status}: {data[:200]!r}")
+        keys.append(json.loads(data)["key"])
+    return keys
+
+
+async def share_burst(procs: Processes, mode: str, redis: Redis, fair: bool, round_no: int, args: argparse.Namespace) -> Burst:
+    """One burst of `args.burst` jobs from AB_USERS users at once, on a fresh server."""
+    use_redis = redis if mode == "ym-redis" else None
+    redis.flush()
+    variant = "fair" if fair else "fifo"
+    server = start_server(procs, f"{mode}-{variant}-{round_no}", use_redis, env={"YM_FAIR_SHARE": str(fair).lower()})
+    token = server.agent_token("bench-agent", capacity=1024)
+    agent = procs.helper(f"{mode}-{variant}-{round_no}-agent", "fakeagent.py", {
+        "url": f"ws://127.0.0.1:{server.port}", "token": token, "name": "bench-agent", "capacity": 1024, "mode": "dispatch"})
+    pools: list[HttpPool] = []
+    try:
+        agent.expect(30, "ready")
+        pools = [HttpPool(server.port, key) for key in user_keys(server, AB_USERS)]
+        per_user = max(1, args.burst // AB_USERS)
+        await asyncio.gather(*(submit_n(pool, f"warm{u}", 25, 2) for u, pool in enumerate(pools)))
+        await wait_done(agent, "done", 25 * AB_USERS, 30)
+        await agent.arequest(10, "reset", cmd="reset")
+        meter = ym_cpu(server, use_redis).start()
+        t0 = time.monotonic()
+        errors = sum(await asyncio.gather(*(submit_n(pool, f"burst{u}", per_user, BURST_CONCURRENCY // AB_USERS)
+                                            for u, pool in enumerate(pools))))
+        t_sub = time.monotonic()
+        n = per_user * AB_USERS
+        done = await wait_done(agent, "done", n - errors, 60 + n / 50)
+        return Burst(n, t_sub - t0, done["last_done"] - t0, meter.stop(), errors)
+    finally:
+        for pool in pools:
+            pool.close()
+        procs.stop(agent)
+        procs.stop(server.child)
+
+
+async def fair_share_ab(procs: Processes, mode: str, redis: Redis, args: argparse.Namespace) -> ShareAB:
+    ab = ShareAB(mode)
+    for round_no in range(args.ab_rounds):
+        # Alternating which goes first, so that a machine warming up or slowing down favours neither.
+        for fair in (True, False) if round_no % 2 == 0 else (False, True):
+            burst = await share_burst(procs, mode, redis, fair, round_no, args)
+            (ab.fair if fair else ab.fifo).append(burst)
+    return ab
+
+
 # ---- arq ----------------------------------------------------------------------------------------
 
 
@@ -437,7 +526,28 @@ def cpu_ms(cpu: dict[str, float], jobs: int) -> tuple[str, str]:
     return f"{cpu.get('server', 0) * per:.2f}", (f"{cpu['redis'] * per:.2f}" if "redis" in cpu else "-")
 
 
-def report(outcomes: dict[str, Outcome], submit_rows: list[list[str]], args: argparse.Namespace) -> None:
+def report_share(shares: list[ShareAB], args: argparse.Namespace, t: Targets) -> None:
+    rows = []
+    for ab in shares:
+        if ab.failure:
+            rows.append([ab.mode, "FAILED: " + ab.failure.splitlines()[0][:70], "", "", "", ""])
+        for variant, bursts in (("fair share", ab.fair), ("FIFO", ab.fifo)):
+            if not bursts:
+                continue
+            cpu = statistics.median(sum(b.cpu.values()) * 1000 / max(b.n, 1) for b in bursts)
+            rows.append([ab.mode, variant, " ".join(num(b.rate) for b in bursts), num(ab.median_rate(bursts)),
+                         f"{cpu:.2f}", str(sum(b.errors for b in bursts))])
+        rows.append([ab.mode, "fair share / FIFO", "", f"{ab.ratio:.3f}" if ab.ratio else "n/a", "", ""])
+        t.at_least(f"{ab.mode} burst with fair share / FIFO (issue 9)", ab.ratio, 0.9, "x")
+    print_table(f"fair share A/B: burst of {args.burst:,} jobs from {AB_USERS} users x {BURST_CONCURRENCY // AB_USERS} "
+                f"connections, YM_FAIR_SHARE=true vs false, {args.ab_rounds} round(s) each",
+                ["mode", "queue", "jobs/s per round", "median jobs/s", "CPU ms/job", "refused"], rows,
+                "CPU ms/job: server + redis-server (Redis mode), median over the rounds. Goal (issue 9): fair share "
+                "costs under 10 % of throughput (ratio >= 0.90).")
+
+
+def report(outcomes: dict[str, Outcome], submit_rows: list[list[str]], args: argparse.Namespace,
+           shares: list[ShareAB] | None = None) -> None:
     def burst_rate(name: str) -> float | None:
         o = outcomes.get(name)
         return o.burst.rate if o and o.burst else None
@@ -503,6 +613,8 @@ def report(outcomes: dict[str, Outcome], submit_rows: list[list[str]], args: arg
             t.check(f"{name} open loop 1,000/s: no backlog", not r1000.backlog_grew,
                     f"behind {r1000.behind_first:.2f} s -> {r1000.behind_second:.2f} s, lag at end {r1000.lag_end}, "
                     f"queue at end {num(r1000.queue_depth) if r1000.queue_depth is not None else 'n/a'}")
+    if shares:
+        report_share(shares, args, t)
     t.print()
 
 
@@ -517,6 +629,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rates", help="open-loop rates, jobs/s (default 50,200,1000)")
     p.add_argument("--duration", type=float, help="seconds at each open-loop rate (default 10; quick 1.5)")
     p.add_argument("--no-submit-path", action="store_true", help="skip the submit-path rows")
+    p.add_argument("--no-fair-share", action="store_true", help="skip the fair-share A/B")
+    p.add_argument("--ab-rounds", type=int, help="rounds of the fair-share A/B (default 3; quick 1)")
     p.add_argument("--timeout", type=float, help="limit for the whole run, s (default 900; quick 240)")
     p.add_argument("--keep", action="store_true", help="keep the logs of every process")
     args = p.parse_args()
@@ -527,8 +641,10 @@ def parse_args() -> argparse.Namespace:
     args.submit_concurrency = [16] if q else [1, 16, 64]
     args.submit_seconds = 1.5 if q else 5.0
     args.timeout = args.timeout or (240 if q else 900)
-    if not (1 <= args.burst <= 100_000 and all(1 <= r <= 10_000 for r in args.rates) and 0.5 <= args.duration <= 120):
-        p.error("need burst 1..100000, rates 1..10000, duration 0.5..120 s")
+    args.ab_rounds = args.ab_rounds or (1 if q else 3)
+    if not (1 <= args.burst <= 100_000 and all(1 <= r <= 10_000 for r in args.rates) and 0.5 <= args.duration <= 120
+            and 1 <= args.ab_rounds <= 20):
+        p.error("need burst 1..100000, rates 1..10000, duration 0.5..120 s, ab-rounds 1..20")
     return args
 
 
@@ -540,6 +656,7 @@ def main() -> int:
     names = [c for c in COMPETITORS if not args.only or c in args.only]
     outcomes: dict[str, Outcome] = {}
     submit_rows: list[list[str]] = []
+    shares: list[ShareAB] = []
     failed = 0
     timed_out = False
     python: str | None = None
@@ -569,7 +686,18 @@ def main() -> int:
                     print(f"{name} submit path FAILED: {describe(exc)}", flush=True)
                     submit_rows.append([name, "FAILED", "", "", "", "", ""])
                     failed += 1
-    report(outcomes, submit_rows, args)
+        if not args.no_fair_share and not timed_out:
+            for name in (n for n in names if n in YM):
+                print(f"-- {name} fair share A/B", flush=True)
+                try:
+                    shares.append(asyncio.run(fair_share_ab(procs, name, redis, args)))
+                except (BenchError, OSError, EOFError, TimeoutError) as exc:
+                    print(f"{name} fair share A/B FAILED: {describe(exc)}", flush=True)
+                    shares.append(ShareAB(name, failure=describe(exc)))
+                    failed += 1
+                    if isinstance(exc, BenchTimeout):
+                        break
+    report(outcomes, submit_rows, args, shares)
     if failed:
         print(f"\n{failed} part(s) failed to run; see FAILED above.")
     return 1 if failed else 0

@@ -15,6 +15,7 @@ from starlette.routing import Route
 
 from yardmaster.server.api.auth import authenticate, client_address, public, read_body, runtime
 from yardmaster.server.api.errors import ApiError, error_response
+from yardmaster.server.security.rate_limits import ACCOUNT, SIGN_IN
 from yardmaster.server.security.sessions import (
     ACCESS_COOKIE,
     CSRF_COOKIE,
@@ -72,10 +73,11 @@ def _token_response(request: Request, session: TokenResponse, cookie: bool, csrf
     return response
 
 
-@public
+@public(rate=SIGN_IN)  # the address here, the account below
 async def login(request: Request) -> Response:
     rt = runtime(request)
     body = await _decode(request, LoginBody)
+    await rt.limiter.check(SIGN_IN, [(ACCOUNT, body.username.casefold())])
     if body.cookie:
         rt.sessions.check_origin(request)  # no signing a browser into someone's account from another site
     try:

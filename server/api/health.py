@@ -21,12 +21,12 @@ log = logging.getLogger("yardmaster.health")
 PROBE_TIMEOUT_S = 2.0
 
 
-@public
+@public(rate=None)  # probes are never refused
 async def healthz(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
-@public
+@public(rate=None)
 async def readyz(request: Request) -> Response:
     rt = runtime(request)
     failing: dict[str, str] = {}
@@ -48,7 +48,7 @@ async def readyz(request: Request) -> Response:
     return JSONResponse({"status": "ready", "leader": rt.scheduler.is_leader})
 
 
-@public
+@public(rate=None)
 async def metrics(request: Request) -> Response:
     rt = runtime(request)
     try:

@@ -9,6 +9,7 @@ from starlette.routing import Route
 
 from yardmaster.protocol.jobs import JOB_STATES, JobSpec, decode_spec_request, validation_field
 from yardmaster.server.api.auth import client_address, read_body, requires, runtime
+from yardmaster.server.security.rate_limits import SUBMIT
 from yardmaster.server.api.errors import ApiError
 from yardmaster.server.api.views import job_view
 from yardmaster.server.backends.records import JobRecord
@@ -71,7 +72,7 @@ def decode_batch(body: bytes) -> list[JobSpec]:
     return [decode_spec(bytes(raw), i) for i, raw in enumerate(items)]
 
 
-@requires("jobs:write")
+@requires("jobs:write", rate=SUBMIT)  # a batch is one request
 async def submit_job(request: Request, principal: Principal) -> Response:
     """One spec (a JSON object) or a batch (a JSON array of specs: all stored, or none)."""
     rt = runtime(request)

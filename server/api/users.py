@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
+import msgspec
+
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -16,7 +18,9 @@ from yardmaster.server.api.jobs import int_param
 from yardmaster.server.api.views import rfc3339
 from yardmaster.server.backends.records import UserRecord
 from yardmaster.server.core.users import AdminChange, NewUser, PasswordChange, Profile, Registration, UserError
+from yardmaster.server.core.usage import limits_for, usage_of
 from yardmaster.server.security.principals import Principal
+from yardmaster.server.security.rate_limits import ACCOUNT, SIGN_IN
 from yardmaster.server.security.scopes import AUTHENTICATED
 
 # A user body is small (metadata ≤ 16 KiB as JSON); escapes can make its text larger than that.
@@ -114,11 +118,15 @@ async def delete_user(request: Request, principal: Principal) -> Response:
 
 @requires(AUTHENTICATED)
 async def get_me(request: Request, principal: Principal) -> Response:
+    """The account, with its usage of each quota and the limits that apply to it."""
+    rt = runtime(request)
     try:
-        user = await runtime(request).users.get(principal.id)
+        user = await rt.users.get(principal.id)
     except UserError as exc:
         raise _refused(exc) from None
-    return JSONResponse(user_view(user))
+    usage = await usage_of(rt.broker, rt.store, user.id)
+    view = {**user_view(user), "usage": msgspec.to_builtins(usage), "limits": msgspec.to_builtins(limits_for(rt.settings, user.role))}
+    return JSONResponse(view)
 
 
 @requires(AUTHENTICATED)
@@ -132,7 +140,7 @@ async def update_me(request: Request, principal: Principal) -> Response:
     return JSONResponse(user_view(user))
 
 
-@requires(AUTHENTICATED)
+@requires(AUTHENTICATED, rate=SIGN_IN)
 async def change_my_password(request: Request, principal: Principal) -> Response:
     change = await _decode(request, PasswordChange)
     try:
@@ -145,12 +153,13 @@ async def change_my_password(request: Request, principal: Principal) -> Response
 # ---- self-registration --------------------------------------------------------------------------
 
 
-@public
+@public(rate=SIGN_IN)  # the address here, the account below
 async def register(request: Request) -> Response:
     rt = runtime(request)
     if not rt.settings.allow_signup:
         raise ApiError(403, "signup-disabled", "self-registration is off on this server (YM_ALLOW_SIGNUP)")
     reg = await _decode(request, Registration)
+    await rt.limiter.check(SIGN_IN, [(ACCOUNT, reg.username.casefold())])
     try:
         user = await rt.users.register(reg, client_address=client_address(request))
     except UserError as exc:

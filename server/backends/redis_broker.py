@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -25,8 +25,16 @@ from redis.exceptions import ReadOnlyError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from yardmaster.server.backends.keys import DEFAULT_REDIS_PREFIX, RedisKeys
-from yardmaster.server.backends.base import BackendUnavailable, queue_score
+from yardmaster.server.backends.base import (
+    BAND_SIZE,
+    BackendUnavailable,
+    QueueEntry,
+    RateCheck,
+    RateDecision,
+    priority_band,
+)
 from yardmaster.server.backends.memory_broker import DEFAULT_SUBSCRIPTION_BUFFER, QueueSubscription
+from yardmaster.server.security.gcra import EPSILON_MS
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +136,272 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
 
-# ARGV: key base, window_s. The window index comes from the server clock so that every replica
-# agrees on window boundaries.
+# -- queue: one sorted set, fair across groups inside each priority band (backends/fair_queue.py) --
+# KEYS: queue, queue-owners, queue-counts, queue-band-max. ARGV[1]: the queue-last: key prefix,
+# ARGV[2]: BAND_SIZE. An entry is four ARGVs: job id, owner, group, band. Scores and tags are
+# integers below 2**53, exact in a Lua double; written with '%.0f' because tostring() keeps only
+# 14 digits. The group's last tags live in queue-last:<group>, a key not in KEYS (single node).
+_QUEUE_ADD = """
+local queue, owners, counts, band_max = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local last_prefix, band_size = ARGV[1], tonumber(ARGV[2])
+
+local function int(x)
+  return string.format('%.0f', x)
+end
+
+local function queued(job)
+  return redis.call('ZSCORE', queue, job) ~= false
+end
+
+-- Read once per call, then kept here: a new tag is never below its band's head tag, so a band's
+-- head changes only when the band was empty. Band maxima and last tags are written by flush().
+local heads, highs, lasts, dirty_highs, dirty_lasts = {}, {}, {}, {}, {}
+
+local function head_tag(band, lo)
+  local h = heads[band]
+  if h == nil then
+    local r = redis.call('ZRANGEBYSCORE', queue, int(lo), '(' .. int(lo + band_size), 'LIMIT', 0, 1, 'WITHSCORES')
+    if r[1] then h = tonumber(r[2]) - lo else h = false end
+    heads[band] = h
+  end
+  return h
+end
+
+local function high(band)
+  local h = highs[band]
+  if h == nil then
+    h = tonumber(redis.call('HGET', band_max, band) or '0')
+    highs[band] = h
+  end
+  return h
+end
+
+local function group_lasts(group)
+  local g = lasts[group]
+  if g == nil then
+    g = {}
+    lasts[group] = g
+  end
+  return g
+end
+
+local function last(group, band)
+  local g = group_lasts(group)
+  if g[band] == nil then g[band] = tonumber(redis.call('HGET', last_prefix .. group, band) or '0') end
+  return g[band]
+end
+
+local function add(job, owner, group, band, front)
+  local lo = tonumber(band) * band_size
+  local head = head_tag(band, lo)
+  local current
+  if head then current = head - 1 else current = high(band) end
+  local tag
+  if front then
+    tag = current + 1
+  else
+    tag = math.max(last(group, band), current) + 1
+    group_lasts(group)[band] = tag
+    dirty_lasts[group] = true
+  end
+  if tag > high(band) then
+    highs[band] = tag
+    dirty_highs[band] = true
+  end
+  if not head then heads[band] = tag end
+  redis.call('ZADD', queue, int(lo + tag), job)
+  redis.call('HSET', owners, job, owner)
+  redis.call('HINCRBY', counts, owner, 1)
+end
+
+local function flush()
+  for band in pairs(dirty_highs) do redis.call('HSET', band_max, band, int(highs[band])) end
+  for group in pairs(dirty_lasts) do
+    local args = {}
+    for band, tag in pairs(lasts[group]) do
+      args[#args + 1] = band
+      args[#args + 1] = int(tag)
+    end
+    redis.call('HSET', last_prefix .. group, unpack(args))
+  end
+end
+"""
+
+# ARGV[3]: '1' for front. Then entries.
+_ENQUEUE_MANY = (
+    _QUEUE_ADD
+    + """
+local front = ARGV[3] == '1'
+for i = 4, #ARGV, 4 do
+  if not queued(ARGV[i]) then add(ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], front) end
+end
+flush()
+return 1
+"""
+)
+
+# ARGV[3]: quota (0: none). Then per batch: its entry count, then its entries (no job id twice).
+# Returns 1 (admitted) or 0 per batch.
+_ADMIT_MANY = (
+    _QUEUE_ADD
+    + """
+local quota = tonumber(ARGV[3])
+local out = {}
+local i = 4
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  local first, stop = i + 1, i + 4 * n
+  local fresh, per_owner = {}, {}
+  for j = first, stop, 4 do
+    if not queued(ARGV[j]) then
+      fresh[#fresh + 1] = j
+      per_owner[ARGV[j + 1]] = (per_owner[ARGV[j + 1]] or 0) + 1
+    end
+  end
+  local ok = true
+  if quota > 0 then
+    for owner, added in pairs(per_owner) do
+      if tonumber(redis.call('HGET', counts, owner) or '0') + added > quota then
+        ok = false
+        break
+      end
+    end
+  end
+  if ok then
+    for _, j in ipairs(fresh) do add(ARGV[j], ARGV[j + 1], ARGV[j + 2], ARGV[j + 3], false) end
+  end
+  out[#out + 1] = ok and 1 or 0
+  i = stop + 1
+end
+flush()
+return out
+"""
+)
+
+# KEYS: queue, queue-owners, queue-counts. ARGV[1]: the queue-last: key prefix, then job ids.
+# An owner with nothing queued left loses its last tags: it joins the next round afresh.
+_REMOVE_MANY = """
+local queue, owners, counts = KEYS[1], KEYS[2], KEYS[3]
+local removed = 0
+for i = 2, #ARGV do
+  local job = ARGV[i]
+  if redis.call('ZREM', queue, job) == 1 then
+    removed = removed + 1
+    local owner = redis.call('HGET', owners, job)
+    if owner then
+      redis.call('HDEL', owners, job)
+      if redis.call('HINCRBY', counts, owner, -1) <= 0 then
+        redis.call('HDEL', counts, owner)
+        redis.call('DEL', ARGV[1] .. owner)
+      end
+    end
+  end
+end
+return removed
+"""
+
+# -- rate limits: GCRA, the arithmetic of security/gcra.py on the server's clock -------------------
+# KEYS: every bucket of every check, in order. ARGV[1]: EPSILON_MS, then per check: limit,
+# period_ms, cost, its bucket count. Returns allowed (1/0), remaining, retry_after_ms, reset_ms
+# per check. A TAT is kept with 17 digits (ms with a µs fraction) and lives until it has passed.
+_RATE_LIMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local eps = tonumber(ARGV[1])
+
+local function gcra(tat, limit, period, cost)
+  local interval = period / limit
+  if tat == nil or tat < now then tat = now end
+  local new_tat = tat + interval * cost
+  local allow_at = new_tat - period
+  if allow_at - now > eps then
+    local remaining = math.max(0, math.floor((now - (tat - period)) / interval + eps))
+    return false, tat, remaining, math.ceil(allow_at - now - eps), math.ceil(tat - now - eps)
+  end
+  local remaining = math.max(0, math.floor((now - allow_at) / interval + eps))
+  return true, new_tat, remaining, 0, math.ceil(new_tat - now - eps)
+end
+
+local out = {}
+local k = 1
+local i = 2
+while i <= #ARGV do
+  local limit, period, cost, n = tonumber(ARGV[i]), tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local allowed, remaining, retry, reset = true, nil, 0, 0
+  local tats = {}
+  for b = 0, n - 1 do
+    local ok, tat, rem, ret, res = gcra(tonumber(redis.call('GET', KEYS[k + b])), limit, period, cost)
+    tats[b] = tat
+    if not ok then
+      allowed = false
+      retry = math.max(retry, ret)
+    end
+    if remaining == nil or rem < remaining then remaining = rem end
+    reset = math.max(reset, res)
+  end
+  if allowed then
+    for b = 0, n - 1 do
+      redis.call('SET', KEYS[k + b], string.format('%.17g', tats[b]), 'PX', math.max(1, math.ceil(tats[b] - now)))
+    end
+  end
+  out[#out + 1] = allowed and 1 or 0
+  out[#out + 1] = remaining
+  out[#out + 1] = retry
+  out[#out + 1] = reset
+  k = k + n
+  i = i + 4
+end
+return out
+"""
+
+# -- slots: a sorted set per name, member -> expiry (server clock, ms) ---------------------------
+# The key itself lives at least as long as its latest member.
+_SLOTS_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
+local function hold(key, member, ttl)
+  redis.call('ZADD', key, string.format('%.0f', now + ttl), member)
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+"""
+
+# KEYS: slots. ARGV: member, limit, ttl_ms. 1 when held (now or already), else 0.
+_ACQUIRE_SLOT = (
+    _SLOTS_NOW
+    + """
+local member, limit, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if not redis.call('ZSCORE', KEYS[1], member) and redis.call('ZCARD', KEYS[1]) >= limit then
+  return 0
+end
+hold(KEYS[1], member, ttl)
+return 1
+"""
+)
+
+# KEYS: one slots key per pair. ARGV[1]: ttl_ms, then the members, in the order of KEYS.
+_RENEW_SLOTS = (
+    _SLOTS_NOW
+    + """
+local ttl = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
+  if redis.call('ZSCORE', KEYS[i], ARGV[i + 1]) then hold(KEYS[i], ARGV[i + 1], ttl) end
+end
+return 1
+"""
+)
+
+# KEYS: slots.
+_COUNT_SLOTS = (
+    _SLOTS_NOW
+    + """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+return redis.call('ZCARD', KEYS[1])
+"""
+)
+
 # -- URLs and errors ------------------------------------------------------------------------------
 def redact_url(url: str) -> str:
     """The URL with its password replaced by ***."""
@@ -253,6 +525,13 @@ class RedisBroker:
         self._list_presence = self._redis.register_script(_LIST_PRESENCE)
         self._delete_presence = self._redis.register_script(_DELETE_PRESENCE)
         self._publish_many = self._redis.register_script(_PUBLISH_MANY)
+        self._enqueue_many = self._redis.register_script(_ENQUEUE_MANY)
+        self._admit_many = self._redis.register_script(_ADMIT_MANY)
+        self._remove_many = self._redis.register_script(_REMOVE_MANY)
+        self._rate_limit = self._redis.register_script(_RATE_LIMIT)
+        self._acquire_slot = self._redis.register_script(_ACQUIRE_SLOT)
+        self._renew_slots = self._redis.register_script(_RENEW_SLOTS)
+        self._count_slots = self._redis.register_script(_COUNT_SLOTS)
         self._hub = _PubSubHub(self._redis, subscription_buffer, self.reason)
 
     def reason(self, e: BaseException) -> str:
@@ -281,15 +560,39 @@ class RedisBroker:
         await self._redis.ping()
 
     # -- job queue -------------------------------------------------------------------------------
-    @_redis_errors
-    async def enqueue(self, job_id: str, priority: int, enqueued_at: float) -> None:
-        await self._redis.zadd(self._queue_key, {job_id: queue_score(priority, enqueued_at)}, nx=True)
+    def _queue_keys(self) -> list[str]:
+        k = self._keys
+        return [k.queue, k.queue_owners, k.queue_counts, k.queue_band_max]
+
+    def _queue_args(self) -> list[str | int]:
+        return [self._keys.queue_last(""), BAND_SIZE]
+
+    @staticmethod
+    def _entry_args(entries: Iterable[QueueEntry]) -> list[str | int]:
+        args: list[str | int] = []
+        for e in entries:
+            args += (e.job_id, e.owner, e.share, priority_band(e.priority))
+        return args
 
     @_redis_errors
-    async def enqueue_many(self, items: Collection[tuple[str, int, float]]) -> None:
-        scores = {job_id: queue_score(priority, enqueued_at) for job_id, priority, enqueued_at in items}
-        if scores:  # ZADD with no member is a syntax error
-            await self._redis.zadd(self._queue_key, scores, nx=True)
+    async def enqueue_many(self, entries: Sequence[QueueEntry], *, front: bool = False) -> None:
+        if entries:
+            args = [*self._queue_args(), "1" if front else "0", *self._entry_args(entries)]
+            await self._enqueue_many(keys=self._queue_keys(), args=args)
+
+    @_redis_errors
+    async def admit_many(self, batches: Sequence[Sequence[QueueEntry]], quota: int) -> list[bool]:
+        if not batches:
+            return []
+        args = [*self._queue_args(), int(quota)]
+        for batch in batches:
+            unique = dict((e.job_id, e) for e in batch)  # a job id twice in one batch counts once
+            args += (len(unique), *self._entry_args(unique.values()))
+        return [bool(x) for x in await self._admit_many(keys=self._queue_keys(), args=args)]
+
+    @_redis_errors
+    async def queued_count(self, owner: str) -> int:
+        return int(await self._redis.hget(self._keys.queue_counts, owner) or 0)
 
     @_redis_errors
     async def peek(self, limit: int) -> list[str]:
@@ -297,14 +600,18 @@ class RedisBroker:
             return []
         return [m.decode() for m in await self._redis.zrange(self._queue_key, 0, limit - 1)]
 
+    async def _remove(self, job_ids: Collection[str]) -> int:
+        keys = self._queue_keys()[:3]
+        return int(await self._remove_many(keys=keys, args=[self._keys.queue_last(""), *job_ids]))
+
     @_redis_errors
     async def remove(self, job_id: str) -> bool:
-        return bool(await self._redis.zrem(self._queue_key, job_id))
+        return await self._remove([job_id]) == 1
 
     @_redis_errors
     async def remove_many(self, job_ids: Collection[str]) -> None:
         if job_ids:
-            await self._redis.zrem(self._queue_key, *job_ids)
+            await self._remove(job_ids)
 
     @_redis_errors
     async def is_queued(self, job_id: str) -> bool:
@@ -313,6 +620,38 @@ class RedisBroker:
     @_redis_errors
     async def queue_depth(self) -> int:
         return int(await self._redis.zcard(self._queue_key))
+
+    # -- rate limits and slots ---------------------------------------------------------------------
+    @_redis_errors
+    async def rate_limit(self, checks: Sequence[RateCheck]) -> list[RateDecision]:
+        if not checks:
+            return []
+        keys: list[str] = []
+        args: list[str | int] = [repr(EPSILON_MS)]
+        for check in checks:
+            keys += (self._keys.rate(b) for b in check.buckets)
+            args += (check.limit, check.period_ms, check.cost, len(check.buckets))
+        flat = [int(x) for x in await self._rate_limit(keys=keys, args=args)]
+        return [RateDecision(bool(flat[i]), flat[i + 1], flat[i + 2], flat[i + 3]) for i in range(0, len(flat), 4)]
+
+    @_redis_errors
+    async def acquire_slot(self, name: str, member: str, limit: int, ttl_ms: int) -> bool:
+        return bool(await self._acquire_slot(keys=[self._keys.slots(name)], args=[member, int(limit), int(ttl_ms)]))
+
+    @_redis_errors
+    async def renew_slots(self, slots: Collection[tuple[str, str]], ttl_ms: int) -> None:
+        if slots:
+            pairs = list(slots)
+            keys = [self._keys.slots(name) for name, _ in pairs]
+            await self._renew_slots(keys=keys, args=[int(ttl_ms), *(member for _, member in pairs)])
+
+    @_redis_errors
+    async def release_slot(self, name: str, member: str) -> None:
+        await self._redis.zrem(self._keys.slots(name), member)
+
+    @_redis_errors
+    async def count_slots(self, name: str) -> int:
+        return int(await self._count_slots(keys=[self._keys.slots(name)]))
 
     # -- leader lock -------------------------------------------------------------------------------
     def _lock_keys(self, name: str) -> list[str]:

@@ -24,12 +24,13 @@ from yardmaster.protocol.codec import (
 from yardmaster.protocol.close_codes import CloseCode
 from yardmaster.server.backends.base import BackendUnavailable
 from yardmaster.server.backends.records import AgentRecord
-from yardmaster.server.channels.common import deny, run_socket, serve_counted
+from yardmaster.server.channels.common import admit_handshake, deny, deny_unauthenticated, run_socket, serve_counted
 from yardmaster.server.core.agent_registry import clamp_capacity, clip
 from yardmaster.server.core.ids import new_id
 from yardmaster.server.runtime import Runtime
 from yardmaster.server.security import tokens
 from yardmaster.server.security.principals import bearer_token
+from yardmaster.server.security.rate_limits import AGENT
 
 log = logging.getLogger("yardmaster.channels.agent")
 
@@ -46,18 +47,18 @@ async def authenticate_agent(rt: Runtime, websocket: WebSocket) -> AgentRecord |
         return None
     token = bearer_token(websocket.headers.get("authorization"))
     if token is None:
-        await deny(websocket, 401, "unauthorized", "missing Authorization: Bearer <agent token>")
+        await deny_unauthenticated(websocket, "missing Authorization: Bearer <agent token>")
         return None
     if not tokens.well_formed(token, "agent"):
-        await deny(websocket, 401, "unauthorized", "malformed agent token")
+        await deny_unauthenticated(websocket, "malformed agent token")
         return None
     digest = tokens.token_hash(token)
     agent = await rt.store.get_agent_by_token_hash(digest)
     if agent is None or not tokens.digests_equal(agent.token_hash, digest):
-        await deny(websocket, 401, "unauthorized", "unknown agent token")
+        await deny_unauthenticated(websocket, "unknown agent token")
         return None
     if agent.revoked_at is not None:
-        await deny(websocket, 403, "revoked", "agent token revoked")
+        await deny_unauthenticated(websocket, "agent token revoked", 403, "revoked")
         return None
     return agent
 
@@ -365,7 +366,7 @@ class AgentConnection:
 async def agent_endpoint(websocket: WebSocket) -> None:
     rt: Runtime = websocket.app.state.runtime
     agent = await authenticate_agent(rt, websocket)
-    if agent is None:
+    if agent is None or not await admit_handshake(websocket, AGENT, agent.id):
         return
     subprotocol = choose_subprotocol(list(websocket.scope.get("subprotocols", [])))
     if subprotocol is None:

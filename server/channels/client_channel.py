@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -26,7 +27,14 @@ from yardmaster.protocol.codec import Codec, DecodeError, client_server_codec
 from yardmaster.protocol.feed import Action, Deliver, FetchHistory, JobFeed, Skipped
 from yardmaster.protocol.close_codes import CloseCode
 from yardmaster.server.backends.base import BackendUnavailable
-from yardmaster.server.channels.common import SEND_FLUSH_S, deny, start_eagerly
+from yardmaster.server.channels.common import (
+    SEND_FLUSH_S,
+    admit_handshake,
+    deny,
+    deny_refused,
+    deny_unauthenticated,
+    start_eagerly,
+)
 from yardmaster.server.backends.keys import ALL_JOBS_CHANNEL, job_channel, owner_channel
 from yardmaster.server.core.events import EventHeader, log_message, state_message
 from yardmaster.server.observability.middleware import WEBSOCKET_HANDOFF
@@ -34,6 +42,10 @@ from yardmaster.server.runtime import Runtime
 from yardmaster.server.api.auth import authenticate
 from yardmaster.server.security.principals import Principal
 from yardmaster.server.security.origins import origin_allowed
+from yardmaster.server.security.gcra import gcra
+from yardmaster.server.security.rate_limits import CLIENT_MESSAGES, USER, RateLimited
+from yardmaster.server.backends.base import RateDecision
+from yardmaster.server.core.quotas import CLIENT_SOCKETS, SUBSCRIPTIONS, QuotaExceeded
 
 log = logging.getLogger("yardmaster.channels.client")
 
@@ -54,7 +66,7 @@ async def authenticate_client(rt: Runtime, websocket: WebSocket) -> Principal | 
     if ticket is None:
         principal = await authenticate(websocket)
     if principal is None:
-        await deny(websocket, 401, "unauthorized", "a valid ticket, API key, access token or session cookie is required")
+        await deny_unauthenticated(websocket, "a valid ticket, API key, access token or session cookie is required")
     return principal
 
 
@@ -105,6 +117,7 @@ class ClientConnection:
     __slots__ = (
         "rt", "principal", "_send", "_limit", "_buffered", "_pending", "_sender", "_room", "_subscriptions",
         "_close_code", "_close_reason", "_close_sent", "_stop", "_errors", "_lock", "_catch_ups",
+        "_rate_tat", "_refusals_tat",
     )
 
     def __init__(self, rt: Runtime, principal: Principal) -> None:
@@ -124,6 +137,10 @@ class ClientConnection:
         self._errors = 0  # invalid messages so far
         self._lock: asyncio.Lock | None = None  # one catch-up at a time; made when first needed
         self._catch_ups: set[asyncio.Task[None]] | None = None  # held here: the loop keeps only weak refs
+        # The socket's message rate (YM_RATE_CLIENT_MESSAGES), counted here: GCRA theoretical
+        # arrival times of its messages, and of its refused ones (too many of those: 1008).
+        self._rate_tat: float | None = None
+        self._refusals_tat: float | None = None
 
     # ---- sending -------------------------------------------------------------------------------
 
@@ -283,10 +300,37 @@ class ClientConnection:
 
     # ---- requests ----------------------------------------------------------------------------------
 
+    def _within_rate(self) -> bool:
+        """Whether a message may be handled now; if not, it is answered `error rate-limited`, and
+        a socket that goes on (more refused messages than the policy's count within its period)
+        is closed with 1008."""
+        policy = self.rt.settings.rate(CLIENT_MESSAGES)
+        if policy is None:
+            return True
+        now_ms, period_ms = time.monotonic() * 1000, policy.period_s * 1000
+        verdict = gcra(self._rate_tat, now_ms, policy.count, period_ms)
+        if verdict.allowed:
+            self._rate_tat = verdict.tat_ms
+            return True
+        self.rt.metrics.rate_limited.labels(CLIENT_MESSAGES).inc()
+        refusals = gcra(self._refusals_tat, now_ms, policy.count, period_ms)
+        if not refusals.allowed:
+            self.close(CloseCode.POLICY, "message rate exceeded")
+            return False
+        self._refusals_tat = refusals.tat_ms
+        decision = RateDecision(False, verdict.remaining, verdict.retry_after_ms, verdict.reset_ms)
+        self.send(m.Error(code=m.ERR_RATE_LIMITED, message=str(RateLimited(CLIENT_MESSAGES, policy, decision))))
+        return False
+
     async def _subscribe(self, msg: m.Subscribe) -> None:
         topic = msg.topic
         if topic in self._subscriptions:
             self.send(m.Error(code=m.ERR_BAD_TOPIC, message=f"already subscribed to {topic}"))
+            return
+        quota = self.rt.settings.quota_subscriptions
+        if quota and len(self._subscriptions) >= quota:
+            self.rt.metrics.quota_exceeded.labels(SUBSCRIPTIONS).inc()
+            self.send(m.Error(code=m.ERR_QUOTA_EXCEEDED, message=f"{QuotaExceeded(SUBSCRIPTIONS, quota)} on one socket"))
             return
         if not self.principal.may("jobs:read"):
             self.send(m.Error(code=m.ERR_FORBIDDEN, message="this credential lacks the jobs:read scope"))
@@ -360,7 +404,7 @@ class ClientConnection:
                 await self._finish()
             finally:
                 gauge.dec()
-                self.rt.client_sockets.remove(self)
+                await self.rt.client_sockets.release(self)
 
     async def _finish(self) -> None:
         for task in list(self._catch_ups or ()):
@@ -380,6 +424,8 @@ class ClientConnection:
         """Handle one received ASGI message; False when the socket is done."""
         if message["type"] == "websocket.disconnect":
             return False
+        if not self._within_rate():
+            return self._close_code is None
         frame = message.get("text")
         if frame is None:
             frame = message.get("bytes") or b""
@@ -416,17 +462,20 @@ async def client_endpoint(websocket: WebSocket) -> None:
     principal = await authenticate_client(rt, websocket)
     if principal is None:
         return
+    if not await admit_handshake(websocket, USER, principal.id):
+        return
     conn = ClientConnection(rt, principal)
-    # Registered before the upgrade: counted against the cap, and closed if its key is revoked.
-    # It leaves the registry when `run` ends.
-    cap = rt.settings.quota_client_sockets or 1 << 30
-    if not rt.client_sockets.try_add(conn, cap):
-        await deny(websocket, 429, "too-many-sockets", f"at most {cap} open client sockets per principal on one server")
+    # Registered before the upgrade: counted against the user's quota (on every replica), and
+    # closed if its key is revoked. It leaves the registry when `run` ends.
+    quota = rt.settings.quota_client_sockets
+    if not await rt.client_sockets.open(conn, quota):
+        rt.metrics.quota_exceeded.labels(CLIENT_SOCKETS).inc()
+        await deny_refused(websocket, QuotaExceeded(CLIENT_SOCKETS, quota))
         return
     try:
         await websocket.accept()
     except BaseException:
-        rt.client_sockets.remove(conn)
+        await rt.client_sockets.release(conn)
         raise
     if WEBSOCKET_HANDOFF in websocket.scope:
         websocket.scope[WEBSOCKET_HANDOFF] = conn.run  # served from RequestContextMiddleware, once we return

@@ -1,4 +1,4 @@
-"""What the WebSocket channels share: refusing a handshake, sending without a task per frame
+"""What the WebSocket channels share: refusing a handshake (and charging it to rate limits), sending without a task per frame
 (`start_eagerly`, the client channel's fan-out), and the life of an open agent socket
 (`run_socket`, `serve_counted`)."""
 
@@ -11,21 +11,64 @@ from collections.abc import Awaitable, Callable, Coroutine, Generator
 from typing import Any
 
 from prometheus_client import Gauge
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from yardmaster.protocol.close_codes import CloseCode
+from yardmaster.server.api.auth import charge_address, client_address, runtime
+from yardmaster.server.api.errors import quota_exceeded_response, rate_limited_response
+from yardmaster.server.core.quotas import QuotaExceeded
+from yardmaster.server.security.rate_limits import ADDRESS, HANDSHAKE, UNAUTHENTICATED, RateLimited
 
 log = logging.getLogger("yardmaster.channels")
 
 
-async def deny(websocket: WebSocket, status: int, code: str, message: str) -> None:
+async def deny(
+    websocket: WebSocket, status: int, code: str, message: str, headers: dict[str, str] | None = None, **details: object
+) -> None:
     """Refuse before the upgrade, with an HTTP status the client can read."""
-    body = {"error": {"code": code, "message": message}}
+    body = {"error": {"code": code, "message": message, **details}}
+    await deny_with(websocket, JSONResponse(body, status_code=status, headers=headers))
+
+
+async def deny_with(websocket: WebSocket, response: Response) -> None:
+    """Refuse before the upgrade with `response` (e.g. api.errors' 429 with Retry-After)."""
     if "websocket.http.response" in websocket.scope.get("extensions", {}):
-        await websocket.send_denial_response(JSONResponse(body, status_code=status))
+        await websocket.send_denial_response(response)
     else:  # the ASGI server cannot send a body: a plain close becomes HTTP 403
         await websocket.close(code=CloseCode.POLICY)
+
+
+async def deny_refused(websocket: WebSocket, exc: RateLimited | QuotaExceeded) -> None:
+    """429 before the upgrade, with Retry-After and the body an HTTP request would get."""
+    if isinstance(exc, RateLimited):
+        await deny_with(websocket, rate_limited_response(exc))
+    else:
+        await deny_with(websocket, quota_exceeded_response(exc))
+
+
+async def deny_unauthenticated(websocket: WebSocket, message: str, status: int = 401, code: str = "unauthorized") -> None:
+    """Refuse a handshake whose credential failed: charged to the address's "unauthenticated"
+    bucket, so a peer guessing credentials gets 429 once that is over."""
+    try:
+        decision = await charge_address(websocket, UNAUTHENTICATED)
+    except RateLimited as exc:
+        await deny_refused(websocket, exc)
+        return
+    await deny(websocket, status, code, message, headers=runtime(websocket).limiter.headers(UNAUTHENTICATED, decision))
+
+
+async def admit_handshake(websocket: WebSocket, kind: str, subject: str) -> bool:
+    """Charge an authenticated handshake to its user's or agent's bucket and its address's, all
+    or none; False after refusing it with 429."""
+    address = client_address(websocket)
+    subjects = [(kind, subject), *([(ADDRESS, address)] if address else [])]
+    try:
+        await runtime(websocket).limiter.check(HANDSHAKE, subjects)
+    except RateLimited as exc:
+        await deny_refused(websocket, exc)
+        return False
+    return True
 
 
 SEND_FLUSH_S = 5.0

@@ -3,8 +3,12 @@
 A revocation (of one API key, or of every key of a principal) is published on the Broker's
 `principals` channel, and every replica closes its matching sockets with 4001. One missed while
 the subscription is being made again (a Broker outage) is caught by a sweep that re-checks, in
-the Store, the keys of the sockets still open. The cap on sockets per principal counts this
-replica's sockets only.
+the Store, the keys of the sockets still open.
+
+The quota of open sockets per user (YM_QUOTA_CLIENT_SOCKETS) holds across replicas: each socket
+holds a Broker slot (`keys.client_sockets_slots(user)`) that this replica renews while the socket
+is open and releases at its close; a replica that dies leaves slots that expire after SLOT_TTL_S.
+While the Broker is down, a handshake is counted against this replica's sockets only.
 """
 
 from __future__ import annotations
@@ -19,13 +23,16 @@ import msgspec
 
 from yardmaster.protocol.close_codes import CloseCode
 from yardmaster.server.backends.base import BackendUnavailable, Broker
-from yardmaster.server.backends.keys import PRINCIPALS_CHANNEL
+from yardmaster.server.backends.keys import PRINCIPALS_CHANNEL, client_sockets_slots
+from yardmaster.server.core.ids import new_id
 from yardmaster.server.core.subscriptions import read_forever
 from yardmaster.server.security.principals import Principal
 
 log = logging.getLogger("yardmaster.client_sockets")
 
 SWEEP_S = 30.0
+SLOT_TTL_S = 60.0
+SLOT_RENEW_S = 20.0
 REVOKED_REASON = "credential revoked"
 
 
@@ -66,7 +73,8 @@ OnRevocation = Callable[[Revocation], object]
 
 class ClientSockets:
     def __init__(
-        self, broker: Broker, still_valid: StillValid, sweep_s: float = SWEEP_S, on_revocation: OnRevocation | None = None
+        self, broker: Broker, still_valid: StillValid, sweep_s: float = SWEEP_S, on_revocation: OnRevocation | None = None,
+        slot_ttl_s: float = SLOT_TTL_S, slot_renew_s: float = SLOT_RENEW_S,
     ) -> None:
         self._broker = broker
         self._still_valid = still_valid
@@ -74,6 +82,9 @@ class ClientSockets:
         self._on_revocation = on_revocation
         self._sweep_s = sweep_s
         self._by_principal: dict[str, set[ClientLink]] = {}
+        self._slots: dict[ClientLink, str] = {}  # sockets holding a Broker slot: their member name
+        self._slot_ttl_ms = int(slot_ttl_s * 1000)
+        self._slot_renew_s = slot_renew_s
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
@@ -83,6 +94,7 @@ class ClientSockets:
                 read_forever(self._broker, PRINCIPALS_CHANNEL, subscription, self._handle), name="client-revocations"
             ),
             asyncio.create_task(self._sweep_forever(), name="client-revocation-sweep"),
+            asyncio.create_task(self._renew_forever(), name="client-socket-slots"),
         ]
 
     async def close(self) -> None:
@@ -105,6 +117,54 @@ class ClientSockets:
             return False
         links.add(link)
         return True
+
+    async def open(self, link: ClientLink, quota: int) -> bool:
+        """Register `link` unless its user already has `quota` sockets open on all replicas
+        (0: no quota). Falls back to this replica's count while the Broker is down."""
+        if quota <= 0:
+            return self.try_add(link, 1 << 62)
+        member = new_id("sock")
+        name = client_sockets_slots(link.principal.id)
+        try:
+            held = await self._broker.acquire_slot(name, member, quota, self._slot_ttl_ms)
+        except BackendUnavailable as exc:
+            log.warning("client-socket quota counted on this replica only", extra={"reason": str(exc)})
+            return self.try_add(link, quota)
+        if not held:
+            return False
+        if not self.try_add(link, quota):  # over it here, with sockets admitted while the Broker was down
+            await self._release_slot(name, member)
+            return False
+        self._slots[link] = member
+        return True
+
+    async def release(self, link: ClientLink) -> None:
+        """Unregister a closed socket and free its slot."""
+        self.remove(link)
+        member = self._slots.pop(link, None)
+        if member is not None:
+            await self._release_slot(client_sockets_slots(link.principal.id), member)
+
+    async def _release_slot(self, name: str, member: str) -> None:
+        try:
+            await self._broker.release_slot(name, member)
+        except BackendUnavailable:
+            pass  # it expires on its own
+
+    async def renew_slots(self) -> None:
+        held = [(client_sockets_slots(link.principal.id), member) for link, member in self._slots.items()]
+        if held:
+            await self._broker.renew_slots(held, self._slot_ttl_ms)
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._slot_renew_s)
+            try:
+                await self.renew_slots()
+            except BackendUnavailable:
+                pass  # next time; slots live three renewals
+            except Exception:
+                log.exception("renewing client-socket slots failed")
 
     def remove(self, link: ClientLink) -> None:
         links = self._by_principal.get(link.principal.id)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,6 +32,10 @@ FRESH_MAX = 10_000  # job records the leader keeps from their submission to thei
 # A queue entry is made before its job's record is written (the Broker's queue counts quotas):
 # an entry without a record is dropped only once it is older than this.
 UNWRITTEN_GRACE_S = 30.0
+# With owners at their running-jobs quota filling the head of the queue (YM_FAIR_SHARE=false puts
+# one owner's whole backlog first), a pass looks deeper, up to this many times `peek`, for the
+# jobs of owners under it.
+DEEP_PEEK_FACTOR = 16
 
 
 @dataclass
@@ -48,6 +53,10 @@ class _CapacityView:
     agents: dict[str, AgentRecord] = field(default_factory=dict)
     agents_read_at: float = float("-inf")
     agents_stale: bool = True
+    # Per owner, jobs in a leased state (the running-jobs quota), kept like `used`: read with it,
+    # +1 at each claim, and read again by a pass that finds an owner at the quota.
+    running: Counter[str] = field(default_factory=Counter)
+    running_read_at: float = float("-inf")
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,13 @@ class SchedulerTimings:
     view_max_age_s: float = 1.0
 
 
+@dataclass(frozen=True)
+class SchedulerPolicy:
+    # Per owner, jobs in a leased state (assigned, running, cancelling); 0: none. An owner at
+    # it gets no further assignment: their queued jobs wait, and other owners' jobs go ahead.
+    running_jobs_quota: int = 0
+
+
 class Scheduler:
     def __init__(
         self,
@@ -73,6 +89,7 @@ class Scheduler:
         metrics: Metrics,
         timings: SchedulerTimings,
         owner: str,
+        policy: SchedulerPolicy = SchedulerPolicy(),
     ) -> None:
         self._broker = broker
         self._store = store
@@ -80,6 +97,7 @@ class Scheduler:
         self._jobs = jobs
         self._metrics = metrics
         self._t = timings
+        self._policy = policy
         self.owner = owner
         self.epoch: int | None = None  # set while leading
         self._wake = asyncio.Event()
@@ -249,6 +267,8 @@ class Scheduler:
         if fresh or now - view.used_read_at > self._t.view_max_age_s:
             view.used = dict(await self._store.active_job_counts())
             view.used_read_at = now
+            if self._policy.running_jobs_quota:
+                await self._read_running(Counter())
         if view.agents_stale or now - view.agents_read_at > self._t.view_max_age_s or not connected.keys() <= view.agents.keys():
             view.agents_stale = False
             view.agents = {rec.id: rec for rec in await self._store.list_agents()}
@@ -264,14 +284,24 @@ class Scheduler:
                                     executor=rec.executor or "docker"))
         return slots
 
+    async def _read_running(self, pending: Counter[str]) -> None:
+        """Re-read every owner's leased jobs, plus `pending`: claims picked but not yet made."""
+        view = self._view
+        view.running = Counter(await self._store.active_jobs_by_owner())
+        view.running.update(pending)
+        view.running_read_at = time.monotonic()
+
     async def tick(self) -> int:
         """One scheduling pass; returns how many jobs were assigned."""
         epoch = self.epoch
         if epoch is None:
             return 0
-        candidates = await self._broker.peek(self._t.peek)
+        limit = self._t.peek
+        candidates = await self._broker.peek(limit)
+        more = len(candidates) >= limit  # the queue may go on past what this pass peeked
         if not candidates:
             return 0  # an idle pass costs one Broker call, not a read of every agent
+        pass_started = time.monotonic()
         read_before = self._view.used_read_at
         slots = await self._agent_slots()
         if not any(s.free > 0 for s in slots) and self._view.used_read_at == read_before:
@@ -280,55 +310,85 @@ class Scheduler:
             slots = await self._agent_slots(fresh=True)
             if not any(s.free > 0 for s in slots):
                 return 0
+        quota = self._policy.running_jobs_quota
+        running = self._view.running
         assigned = 0
         start = 0
-        while start < len(candidates):
-            # Read the candidates in chunks sized to the free slots: a deep queue costs a pass
-            # what it can assign, yet a job no agent can take never hides the ones behind it.
-            free = sum(max(0, s.free) for s in slots)
-            chunk = candidates[start : start + min(self._t.peek, 2 * free + 8)]
-            start += len(chunk)
-            fresh = self._fresh
-            jobs = {job_id: fresh.pop(job_id) for job_id in chunk if job_id in fresh}
-            unknown = [job_id for job_id in chunk if job_id not in jobs]
-            if unknown:
-                jobs.update(await self._store.get_jobs(unknown))
-            stale: list[str] = []
-            picks: list[tuple[JobRecord, AgentSlots]] = []
-            for job_id in chunk:
-                job = jobs.get(job_id)
-                if job is None:
-                    made_at = id_time(job_id)
-                    if made_at is None or time.time() - made_at > UNWRITTEN_GRACE_S:
-                        stale.append(job_id)  # its submit failed after the admission
-                    continue  # being submitted: its record is on its way to the Store
-                if job.state != "queued":
-                    stale.append(job_id)  # cancelled, or claimed before a crash
-                    continue
-                agent = choose_agent(job.spec.labels, slots, job.spec.executor)
-                if agent is None:
-                    continue  # nobody can take it now; it must not block the jobs behind it
-                agent.free -= 1
-                picks.append((job, agent))
+        seen: set[str] = set()
+        at_quota = False  # some candidate waited for its owner's running jobs
+        while True:
+            while start < len(candidates):
+                # Read the candidates in chunks sized to the free slots: a deep queue costs a pass
+                # what it can assign, yet a job no agent can take never hides the ones behind it.
+                free = sum(max(0, s.free) for s in slots)
+                chunk = candidates[start : start + min(self._t.peek, 2 * free + 8)]
+                start += len(chunk)
+                seen.update(chunk)
+                fresh = self._fresh
+                jobs = {job_id: fresh.pop(job_id) for job_id in chunk if job_id in fresh}
+                unknown = [job_id for job_id in chunk if job_id not in jobs]
+                if unknown:
+                    jobs.update(await self._store.get_jobs(unknown))
+                stale: list[str] = []
+                picks: list[tuple[JobRecord, AgentSlots]] = []
+                pending: Counter[str] = Counter()
+                for job_id in chunk:
+                    job = jobs.get(job_id)
+                    if job is None:
+                        made_at = id_time(job_id)
+                        if made_at is None or time.time() - made_at > UNWRITTEN_GRACE_S:
+                            stale.append(job_id)  # its submit failed after the admission
+                        continue  # being submitted: its record is on its way to the Store
+                    if job.state != "queued":
+                        stale.append(job_id)  # cancelled, or claimed before a crash
+                        continue
+                    if quota and running[job.owner] >= quota:
+                        if self._view.running_read_at < pass_started:
+                            # Jobs of theirs may have ended since the view was read: look again
+                            # (at most once per pass) before the job waits.
+                            await self._read_running(pending)
+                            running = self._view.running
+                        if running[job.owner] >= quota:
+                            at_quota = True
+                            fresh[job_id] = job  # it waits: keep its record for the next pass
+                            continue
+                    agent = choose_agent(job.spec.labels, slots, job.spec.executor)
+                    if agent is None:
+                        continue  # nobody can take it now; it must not block the jobs behind it
+                    agent.free -= 1
+                    if quota:
+                        running[job.owner] += 1
+                        pending[job.owner] += 1
+                    picks.append((job, agent))
+                    if not any(s.free > 0 for s in slots):
+                        break
+                if stale:
+                    await self._broker.remove_many(stale)
+                # The claims of a chunk are one Store transaction (and one publish round trip).
+                results = await self._jobs.claim_many([(job, agent.agent_id) for job, agent in picks], epoch)
+                for (job, agent), claimed in zip(picks, results, strict=True):
+                    if claimed is None:
+                        agent.free += 1
+                        if quota:
+                            running[job.owner] -= 1
+                    else:
+                        self._view.used[agent.agent_id] = self._view.used.get(agent.agent_id, 0) + 1
+                        assigned += 1
+                if any(claimed is None for claimed in results):
+                    await self._fenced_refused()
+                    if self.epoch is None:
+                        return assigned
                 if not any(s.free > 0 for s in slots):
-                    break
-            if stale:
-                await self._broker.remove_many(stale)
-            # The claims of a chunk are one Store transaction (and one publish round trip).
-            results = await self._jobs.claim_many([(job, agent.agent_id) for job, agent in picks], epoch)
-            for (_, agent), claimed in zip(picks, results, strict=True):
-                if claimed is None:
-                    agent.free += 1
-                else:
-                    self._view.used[agent.agent_id] = self._view.used.get(agent.agent_id, 0) + 1
-                    assigned += 1
-            if any(claimed is None for claimed in results):
-                await self._fenced_refused()
-                if self.epoch is None:
                     return assigned
-            if not any(s.free > 0 for s in slots):
+            if not (at_quota and more) or limit >= self._t.peek * DEEP_PEEK_FACTOR:
                 return assigned
-        return assigned
+            # Every candidate was seen, some waited for their owner's quota and the queue goes on:
+            # look further down it for other owners' jobs.
+            limit *= 4
+            page = await self._broker.peek(limit)
+            more = len(page) >= limit
+            candidates = [job_id for job_id in page if job_id not in seen]
+            start = 0
 
     # ---- leases, deadlines, reconciliation -----------------------------------------------------
 

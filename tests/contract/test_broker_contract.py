@@ -9,12 +9,11 @@ from typing import Any
 
 import pytest
 
-from yardmaster.server.backends.base import Broker, Subscription
+from yardmaster.server.backends.base import Broker, QueueEntry, RateCheck, Subscription
 from yardmaster.server.backends.memory_broker import MemoryBroker, SubscriptionDropped
 from tests.support.redis_plugin import RedisBrokerFactory
 
 BrokerFactory = Callable[..., Awaitable[Broker]]
-T0 = 1_750_000_000.0  # an enqueued_at well after the queue epoch
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -61,55 +60,158 @@ async def no_message(sub: Subscription, wait: float = 0.2) -> None:
 
 
 # -- queue ------------------------------------------------------------------------------------------
-async def test_queue_orders_by_priority_then_fifo(broker: Broker) -> None:
-    await broker.enqueue("low-1", -5, T0 + 1)
-    await broker.enqueue("mid-2", 0, T0 + 2)
-    await broker.enqueue("high-3", 10, T0 + 3)
-    await broker.enqueue("mid-1", 0, T0 + 1)
-    await broker.enqueue("high-4", 10, T0 + 4)
-    await broker.enqueue("low-0", -5, T0)
-    assert await broker.peek(10) == ["high-3", "high-4", "mid-1", "mid-2", "low-0", "low-1"]
-    assert await broker.peek(2) == ["high-3", "high-4"]
+def entry(job_id: str, owner: str = "alice", priority: int = 0, group: str = "") -> QueueEntry:
+    return QueueEntry(job_id, owner, priority, group)
+
+
+def jobs(owner: str, n: int, priority: int = 0, start: int = 0) -> list[QueueEntry]:
+    """`n` entries of `owner`, ids sorting in creation order (as real job ids do)."""
+    return [entry(f"{owner}-{i:04d}", owner, priority) for i in range(start, start + n)]
+
+
+def ids(entries: list[QueueEntry]) -> list[str]:
+    return [e.job_id for e in entries]
+
+
+async def test_priority_bands_come_first_then_fifo_inside_one_owner(broker: Broker) -> None:
+    await broker.enqueue_many([entry("low-1", priority=-5), entry("mid-1")])
+    await broker.enqueue_many([entry("top", priority=1000), entry("high-1", priority=10), entry("mid-2")])
+    await broker.enqueue_many([entry("bottom", priority=-1000), entry("high-2", priority=10), entry("low-2", priority=-5)])
+    await broker.enqueue_many([entry("beyond", priority=5000), entry("below", priority=-5000)])  # clamped
+    assert await broker.peek(20) == [
+        "top", "beyond", "high-1", "high-2", "mid-1", "mid-2", "low-1", "low-2", "bottom", "below"
+    ]
+    assert await broker.peek(2) == ["top", "beyond"]
     assert await broker.peek(0) == []
+    assert await broker.queue_depth() == 10
 
 
-async def test_requeued_job_keeps_its_position(broker: Broker) -> None:
-    for i in range(4):
-        await broker.enqueue(f"job-{i}", 0, T0 + i)
-    assert await broker.remove("job-1")
-    await broker.enqueue("job-9", 0, T0 + 9)
-    await broker.enqueue("job-1", 0, T0 + 1)  # requeued with its original enqueued_at
-    assert await broker.peek(10) == ["job-0", "job-1", "job-2", "job-3", "job-9"]
-
-
-async def test_enqueue_is_idempotent(broker: Broker) -> None:
-    await broker.enqueue("a", 0, T0)
-    await broker.enqueue("b", 0, T0 + 1)
-    await broker.enqueue("a", 100, T0 + 50)  # already queued: keeps its position
-    assert await broker.peek(10) == ["a", "b"]
-    assert await broker.queue_depth() == 2
-
-
-async def test_enqueue_many_is_enqueue_for_each_item(broker: Broker) -> None:
-    await broker.enqueue("queued-before", 0, T0 + 5)
+async def test_one_owner_is_fifo_across_calls_and_batches(broker: Broker) -> None:
+    first = jobs("alice", 1000)
+    await broker.enqueue_many(first)
     await broker.enqueue_many([])  # nothing to add: not an error
-    await broker.enqueue_many(
-        [("mid-2", 0, T0 + 2), ("high-9", 10, T0 + 9), ("queued-before", 100, T0), ("mid-1", 0, T0 + 1)]
-    )
-    # Priority then FIFO, as one by one; the job already queued keeps its position.
-    assert await broker.peek(10) == ["high-9", "mid-1", "mid-2", "queued-before"]
-    assert await broker.queue_depth() == 4
-    many = [(f"bulk-{i:04d}", 0, T0 + 100 + i) for i in range(1000)]
-    await broker.enqueue_many(many)
-    assert await broker.queue_depth() == 1004
-    assert (await broker.peek(1004))[4:] == [job_id for job_id, _, _ in many]
+    later = jobs("alice", 5, start=1000)
+    for e in later:
+        await broker.enqueue_many([e])
+    assert await broker.peek(2000) == ids(first + later)
+    assert await broker.queued_count("alice") == 1005
+
+
+async def test_fair_share_alternates_owners_inside_a_band(broker: Broker) -> None:
+    a, b = jobs("a", 1000), jobs("b", 10)
+    await broker.enqueue_many(a)
+    await broker.enqueue_many(b)
+    head = await broker.peek(20)
+    assert set(ids(b)) <= set(head)  # B's 10 are not behind A's 1,000
+    assert head == [job for pair in zip(ids(a), ids(b)) for job in pair]  # A1 B1 A2 B2 …
+    assert (await broker.peek(1010))[20:] == ids(a)[10:]
+    # A group's own order holds whatever the interleaving.
+    await broker.enqueue_many(jobs("b", 1, start=10))
+    assert (await broker.peek(22))[20:] == ["a-0010", "b-0010"]
+
+
+async def test_a_group_sharing_one_tag_round_is_one_share(broker: Broker) -> None:
+    """YM_FAIR_SHARE=false: every entry in one group, so the queue is plain FIFO in a band."""
+    a = [entry(f"a-{i}", "a", group="all") for i in range(5)]
+    b = [entry(f"b-{i}", "b", group="all") for i in range(2)]
+    await broker.enqueue_many(a)
+    await broker.enqueue_many(b)
+    assert await broker.peek(10) == ids(a + b)
+    assert await broker.queued_count("a") == 5 and await broker.queued_count("b") == 2
+
+
+async def test_a_late_group_joins_the_current_round(broker: Broker) -> None:
+    a = jobs("a", 1000)
+    await broker.enqueue_many(a)
+    await broker.remove_many(ids(a[:500]))  # the head half was taken
+    await broker.enqueue_many([entry("c-0000", "c")])
+    head = await broker.peek(3)
+    assert "c-0000" in head[:2]  # among the head, not after A's 500 left (no credit, no debt)
+    assert await broker.queue_depth() == 501
+
+
+async def test_a_group_that_emptied_starts_afresh(broker: Broker) -> None:
+    await broker.enqueue_many(jobs("b", 10))
+    await broker.enqueue_many(jobs("a", 3))
+    await broker.remove_many(ids(jobs("b", 10)))  # all of B's were taken: its round is forgotten
+    assert await broker.queued_count("b") == 0
+    await broker.enqueue_many([entry("b-0010", "b")])
+    assert await broker.peek(10) == ["a-0000", "b-0010", "a-0001", "a-0002"]
+
+
+async def test_front_goes_to_the_head_of_the_current_round(broker: Broker) -> None:
+    a = jobs("a", 10)
+    await broker.enqueue_many(a)
+    await broker.remove_many(ids(a[:3]))  # taken
+    await broker.enqueue_many([a[1]], front=True)  # its lease lapsed: back at the head
+    assert await broker.peek(2) == ["a-0001", "a-0003"]
+    await broker.enqueue_many([entry("z-0000", "z")], front=True)
+    assert "z-0000" in (await broker.peek(3))[:3]  # the head's round, whoever owns it
+    await broker.enqueue_many([entry("a-0010", "a")])  # a front entry does not move A's own round
+    assert (await broker.peek(20))[-1] == "a-0010"
+    assert await broker.queued_count("a") == 9 and await broker.queued_count("z") == 1
+
+
+async def test_enqueue_of_a_queued_job_keeps_its_place_and_count(broker: Broker) -> None:
+    await broker.enqueue_many([entry("a"), entry("b")])
+    await broker.enqueue_many([entry("a", priority=100), entry("a")], front=True)
+    await broker.enqueue_many([entry("c"), entry("c")])  # twice in one call: once
+    assert await broker.peek(10) == ["a", "b", "c"]
+    assert await broker.queue_depth() == 3
+    assert await broker.queued_count("alice") == 3
+
+
+async def test_admit_many_holds_the_quota_exactly_and_refuses_a_batch_whole(broker: Broker) -> None:
+    e = jobs("alice", 7)
+    assert await broker.admit_many([e[0:2], e[2:4], e[4:6]], quota=5) == [True, True, False]
+    assert not await broker.is_queued("alice-0004") and not await broker.is_queued("alice-0005")
+    assert await broker.queued_count("alice") == 4
+    assert await broker.admit_many([[e[4]], [e[5]]], quota=5) == [True, False]
+    assert await broker.queued_count("alice") == 5
+    # A batch with another owner's entries is refused whole when one of its owners is full.
+    mixed = [entry("bob-0000", "bob"), e[6]]
+    assert await broker.admit_many([mixed], quota=5) == [False]
+    assert not await broker.is_queued("bob-0000")
+    assert await broker.admit_many([[entry("bob-0000", "bob")]], quota=5) == [True]
+    assert await broker.admit_many([], quota=5) == []
+    assert await broker.peek(10) == ["alice-0000", "bob-0000", *ids(e[1:5])]  # bob joins the first round
+
+
+async def test_admit_many_counts_queued_entries_as_added(broker: Broker) -> None:
+    e = jobs("alice", 4)
+    assert await broker.admit_many([e[:3]], quota=3) == [True]
+    assert await broker.admit_many([e[:2], [e[2], e[2]]], quota=3) == [True, True]  # nothing new
+    assert await broker.admit_many([[e[0], e[3]]], quota=3) == [False]
+    assert await broker.queued_count("alice") == 3 and not await broker.is_queued("alice-0003")
+
+
+async def test_admit_many_with_quota_zero_has_no_quota(broker: Broker) -> None:
+    e = jobs("alice", 50)
+    assert await broker.admit_many([e[:25], e[25:]], quota=0) == [True, True]
+    assert await broker.queued_count("alice") == 50
+
+
+async def test_queued_count_follows_remove_and_enqueue(broker: Broker) -> None:
+    e = jobs("alice", 6)
+    assert await broker.queued_count("alice") == 0
+    assert await broker.admit_many([e[:5]], quota=5) == [True]
+    assert await broker.remove("alice-0000")
+    assert not await broker.remove("alice-0000")
+    await broker.remove_many(["alice-0001", "alice-0002", "never-queued"])
+    await broker.remove_many([])  # nothing to remove: not an error
+    assert await broker.queued_count("alice") == 2
+    assert await broker.admit_many([e[:3]], quota=5) == [True]
+    assert await broker.queued_count("alice") == 5
+    await broker.enqueue_many(e)  # no quota check (requeues, reconciliation)
+    assert await broker.queued_count("alice") == 6
+    await broker.remove_many(ids(e))
+    assert await broker.queued_count("alice") == 0 and await broker.queue_depth() == 0
 
 
 async def test_peek_does_not_remove_and_depth_and_is_queued(broker: Broker) -> None:
     assert await broker.queue_depth() == 0
     assert not await broker.is_queued("x")
-    await broker.enqueue("x", 1, T0)
-    await broker.enqueue("y", 1, T0 + 1)
+    await broker.enqueue_many([entry("x", priority=1), entry("y", priority=1)])
     assert await broker.peek(1) == ["x"]
     assert await broker.peek(1) == ["x"]
     assert await broker.queue_depth() == 2
@@ -121,19 +223,124 @@ async def test_peek_does_not_remove_and_depth_and_is_queued(broker: Broker) -> N
 
 
 async def test_remove_wins_exactly_once_under_concurrency(broker: Broker) -> None:
-    await broker.enqueue("contended", 0, T0)
+    await broker.enqueue_many([entry("contended")])
     results = await asyncio.gather(*(broker.remove("contended") for _ in range(20)))
     assert results.count(True) == 1
     assert await broker.queue_depth() == 0
+    assert await broker.queued_count("alice") == 0
 
 
-async def test_remove_many_removes_each_listed_job(broker: Broker) -> None:
-    for i in range(5):
-        await broker.enqueue(f"job-{i}", 0, T0 + i)
-    await broker.remove_many([])  # nothing to remove: not an error
-    await broker.remove_many(["job-1", "job-3", "never-queued"])
-    assert await broker.peek(10) == ["job-0", "job-2", "job-4"]
-    assert not await broker.remove("job-3")
+# -- rate limits ------------------------------------------------------------------------------------
+def check(*buckets: str, limit: int, period_ms: int, cost: int = 1) -> RateCheck:
+    return RateCheck(tuple(buckets), limit, period_ms, cost)
+
+
+async def test_rate_limit_allows_exactly_the_burst_then_refuses_until_the_window(broker: Broker) -> None:
+    five = check("api:user:u1", limit=5, period_ms=400)
+    decisions = [(await broker.rate_limit([five]))[0] for _ in range(5)]
+    assert [d.allowed for d in decisions] == [True] * 5
+    assert [d.remaining for d in decisions] == [4, 3, 2, 1, 0]
+    assert all(d.retry_after_ms == 0 and 0 < d.reset_ms <= 400 for d in decisions)
+    refused = (await broker.rate_limit([five]))[0]
+    assert not refused.allowed and refused.remaining == 0
+    assert 1 <= refused.retry_after_ms <= 80  # one request every period/limit
+    assert 0 < refused.reset_ms <= 400
+    assert (await broker.rate_limit([check("api:user:u2", limit=5, period_ms=400)]))[0].remaining == 4
+    await asyncio.sleep(0.45)
+    again = (await broker.rate_limit([five]))[0]
+    assert again.allowed and again.remaining == 4  # full again after the period
+
+
+async def test_rate_limit_cost_counts_several_requests(broker: Broker) -> None:
+    heavy = check("b", limit=5, period_ms=10_000, cost=3)
+    first = (await broker.rate_limit([heavy]))[0]
+    assert first.allowed and first.remaining == 2
+    refused = (await broker.rate_limit([heavy]))[0]
+    assert not refused.allowed and 1_000 < refused.retry_after_ms <= 2_000
+    assert (await broker.rate_limit([check("b", limit=5, period_ms=10_000, cost=2)]))[0].allowed
+
+
+async def test_rate_limit_is_all_or_none_across_a_checks_buckets(broker: Broker) -> None:
+    narrow = check("narrow", limit=5, period_ms=10_000)
+    both = check("narrow", "wide", limit=5, period_ms=10_000)
+    wide = check("wide", limit=5, period_ms=10_000)
+    assert all(d.allowed for d in await broker.rate_limit([narrow, narrow, narrow]))
+    assert [(await broker.rate_limit([both]))[0].allowed for _ in range(3)] == [True, True, False]
+    # The refused check charged neither bucket: "wide" holds exactly two requests.
+    assert [d.remaining for d in await broker.rate_limit([wide, wide])] == [2, 1]
+
+
+async def test_rate_limit_checks_in_one_call_go_in_order(broker: Broker) -> None:
+    two = check("ordered", limit=2, period_ms=10_000)
+    decisions = await broker.rate_limit([two, two, two, check("other", limit=2, period_ms=10_000)])
+    assert [d.allowed for d in decisions] == [True, True, False, True]
+    assert [d.remaining for d in decisions] == [1, 0, 0, 1]
+    assert decisions[2].retry_after_ms > 0 and decisions[0].retry_after_ms == 0
+    assert await broker.rate_limit([]) == []
+
+
+# -- slots ------------------------------------------------------------------------------------------
+async def test_slots_hold_a_limit_and_reacquire_is_idempotent(broker: Broker) -> None:
+    assert await broker.count_slots("sockets") == 0
+    assert await broker.acquire_slot("sockets", "s1", 2, 10_000)
+    assert await broker.acquire_slot("sockets", "s2", 2, 10_000)
+    assert not await broker.acquire_slot("sockets", "s3", 2, 10_000)
+    assert await broker.acquire_slot("sockets", "s1", 2, 10_000)  # already held: renewed
+    assert await broker.count_slots("sockets") == 2
+    assert await broker.acquire_slot("other", "s3", 2, 10_000)  # names are independent
+    await broker.release_slot("sockets", "s1")
+    await broker.release_slot("sockets", "never-held")
+    assert await broker.count_slots("sockets") == 1
+    assert await broker.acquire_slot("sockets", "s3", 2, 10_000)
+    assert not await broker.acquire_slot("sockets", "s4", 2, 10_000)
+
+
+async def test_an_expired_slot_frees_itself_and_renew_keeps_one(broker: Broker) -> None:
+    assert await broker.acquire_slot("s", "dies", 2, 200)
+    assert await broker.acquire_slot("s", "lives", 2, 500)
+    assert not await broker.acquire_slot("s", "third", 2, 10_000)
+    await asyncio.sleep(0.3)
+    await broker.renew_slots([("s", "lives"), ("s", "ghost"), ("none", "x")], 1_000)  # only held ones
+    await broker.renew_slots([], 1_000)
+    await asyncio.sleep(0.35)  # "dies" expired; "lives" would have without the renewal
+    assert await broker.count_slots("s") == 1
+    assert await broker.count_slots("none") == 0
+    assert await broker.acquire_slot("s", "third", 2, 10_000)
+    assert not await broker.acquire_slot("s", "ghost", 2, 10_000)
+
+
+# -- atomicity across replicas -----------------------------------------------------------------------
+@pytest.fixture
+async def replicas(make_broker: BrokerFactory, redis_factory: RedisBrokerFactory | None) -> list[Broker]:
+    """Three brokers on one state: three RedisBrokers on one redis-server and key prefix, or one
+    MemoryBroker three times (it has one process)."""
+    if redis_factory is None:
+        return [await make_broker()] * 3
+    return [await make_broker() for _ in range(3)]
+
+
+async def test_concurrent_admissions_across_replicas_hold_the_quota(replicas: list[Broker]) -> None:
+    calls = [
+        broker.admit_many([[entry(f"j-{r}-{i:02d}", "alice")]], quota=40)
+        for i in range(50)
+        for r, broker in enumerate(replicas)
+    ]
+    results = await asyncio.gather(*calls)
+    assert sum(r == [True] for r in results) == 40
+    assert await replicas[0].queued_count("alice") == 40
+    assert await replicas[1].queue_depth() == 40
+
+
+async def test_concurrent_rate_limits_across_replicas_allow_exactly_the_limit(replicas: list[Broker]) -> None:
+    one = check("submit:user:alice", limit=30, period_ms=600_000)  # no refill while the calls run
+    results = await asyncio.gather(*(broker.rate_limit([one]) for _ in range(30) for broker in replicas))
+    assert sum(r[0].allowed for r in results) == 30
+
+
+async def test_concurrent_slot_acquisitions_across_replicas_hold_the_limit(replicas: list[Broker]) -> None:
+    calls = [broker.acquire_slot("client-sockets:alice", f"sock-{r}-{i}", 7, 10_000) for i in range(20) for r, broker in enumerate(replicas)]
+    assert sum(await asyncio.gather(*calls)) == 7
+    assert await replicas[2].count_slots("client-sockets:alice") == 7
 
 
 # -- leader lock ------------------------------------------------------------------------------------

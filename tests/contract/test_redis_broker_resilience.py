@@ -12,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from yardmaster.server.backends import make_broker
-from yardmaster.server.backends.base import BackendUnavailable, Subscription
+from yardmaster.server.backends.base import BackendUnavailable, QueueEntry, RateCheck, Subscription
 from yardmaster.server.backends.memory_broker import MemoryBroker
 from yardmaster.server.backends.redis_broker import RedisBroker, redact_url
 from tests.support.redis_plugin import RedisBrokerFactory
@@ -51,8 +51,10 @@ async def test_outage_and_restart(own_redis_server: RedisServer, redis_broker: R
     broker = redis_broker(own_redis_server.url)
     other = redis_broker(own_redis_server.url)  # same prefix: another replica
     await broker.start()
-    await broker.enqueue("job-a", 0, 1_750_000_000.0)
-    await broker.enqueue("job-b", 5, 1_750_000_001.0)
+    await broker.enqueue_many([QueueEntry("job-a", "alice", 0), QueueEntry("job-b", "alice", 5)])
+    assert await broker.admit_many([[QueueEntry("job-c", "bob")]], quota=1) == [True]
+    assert (await broker.rate_limit([RateCheck(("api:user:alice",), 3, 600_000)]))[0].remaining == 2
+    assert await broker.acquire_slot("client-sockets:alice", "s1", 1, 60_000)
     epoch_before = await broker.acquire_lock("leader", "replica-1", 60_000)
     assert epoch_before is not None
     sub = await broker.subscribe("events")
@@ -63,7 +65,18 @@ async def test_outage_and_restart(own_redis_server: RedisServer, redis_broker: R
 
     with pytest.raises(BackendUnavailable, match="^redis"):
         await asyncio.wait_for(broker.ping(), BOUND_S)
-    for op in (broker.peek(10), broker.enqueue("job-c", 0, 1.0), broker.remove("job-a"), broker.queue_depth()):
+    outage_ops = (
+        broker.peek(10),
+        broker.enqueue_many([QueueEntry("job-d", "alice")]),
+        broker.admit_many([[QueueEntry("job-d", "alice")]], quota=10),
+        broker.remove("job-a"),
+        broker.queue_depth(),
+        broker.queued_count("alice"),
+        broker.rate_limit([RateCheck(("api:user:alice",), 3, 600_000)]),
+        broker.acquire_slot("client-sockets:alice", "s2", 2, 60_000),
+        broker.count_slots("client-sockets:alice"),
+    )
+    for op in outage_ops:
         with pytest.raises(BackendUnavailable, match="^redis"):
             await asyncio.wait_for(op, BOUND_S)
     with pytest.raises(BackendUnavailable, match="^redis"):
@@ -77,7 +90,12 @@ async def test_outage_and_restart(own_redis_server: RedisServer, redis_broker: R
     own_redis_server.start()  # same port and data dir: AOF brings the data back
 
     await asyncio.wait_for(broker.ping(), BOUND_S)
-    assert await broker.peek(10) == ["job-b", "job-a"]
+    assert await broker.peek(10) == ["job-b", "job-a", "job-c"]
+    # Quotas, rate buckets and slots survived too (AOF), with the same counts as before.
+    assert await broker.queued_count("alice") == 2
+    assert await broker.admit_many([[QueueEntry("job-e", "bob")]], quota=1) == [False]
+    assert (await other.rate_limit([RateCheck(("api:user:alice",), 3, 600_000)]))[0].remaining == 1
+    assert not await other.acquire_slot("client-sockets:alice", "s2", 1, 60_000)
     assert await until_delivered(other, sub, "events") == b"ping-after-restart"
     await other.publish("events", b"after")
     # Drain extra pings from the retry loop, then the message published after them.
@@ -99,11 +117,18 @@ async def test_outage_and_restart(own_redis_server: RedisServer, redis_broker: R
 
 async def test_hung_redis_raises_instead_of_hanging(own_redis_server: RedisServer, redis_broker: RedisBrokerFactory) -> None:
     broker = redis_broker(own_redis_server.url)
-    await broker.enqueue("job-a", 0, 1_750_000_000.0)
+    await broker.enqueue_many([QueueEntry("job-a", "alice")])
     sub = await broker.subscribe("events")
     own_redis_server.pause()
     try:
-        for op in (broker.ping(), broker.peek(1), broker.queue_depth()):
+        hung_ops = (
+            broker.ping(),
+            broker.peek(1),
+            broker.queue_depth(),
+            broker.admit_many([[QueueEntry("job-b", "alice")]], quota=10),
+            broker.rate_limit([RateCheck(("b",), 1, 1_000)]),
+        )
+        for op in hung_ops:
             with pytest.raises(BackendUnavailable, match="^redis"):
                 await asyncio.wait_for(op, BOUND_S)
     finally:
@@ -190,7 +215,7 @@ async def test_sentinel_url(redis_server: RedisServer) -> None:
         broker = RedisBroker(url, key_prefix=f"sentinel-{uuid.uuid4().hex[:8]}:")
         try:
             await asyncio.wait_for(broker.start(), BOUND_S)
-            await broker.enqueue("j1", 0, 1_750_000_000.0)
+            await broker.enqueue_many([QueueEntry("j1", "alice")])
             assert await broker.peek(5) == ["j1"]
             sub = await broker.subscribe("c")
             await broker.publish("c", b"via-sentinel")
@@ -208,7 +233,7 @@ async def test_sentinel_url(redis_server: RedisServer) -> None:
 async def test_unix_socket_url(redis_server: RedisServer, redis_broker: RedisBrokerFactory) -> None:
     tcp = redis_broker()
     unix = redis_broker(redis_server.unix_url)  # same prefix, same data
-    await tcp.enqueue("j1", 0, 1_750_000_000.0)
+    await tcp.enqueue_many([QueueEntry("j1", "alice")])
     assert await unix.peek(5) == ["j1"]
     sub = await unix.subscribe("c")
     await tcp.publish("c", b"over-unix")

@@ -770,6 +770,34 @@ async def test_renew_leases(store: Store) -> None:
     assert await store.jobs_with_expired_leases(200.0) == [await store.get_job(theirs.id)]
 
 
+# -- per-owner counts (quotas) --------------------------------------------------------------------
+
+
+async def test_active_jobs_by_owner_counts_each_owners_leased_jobs(store: Store) -> None:
+    assert await store.active_jobs_by_owner() == {}
+    for owner, state in (("alice", "assigned"), ("alice", "running"), ("alice", "cancelling"), ("alice", "queued"),
+                         ("alice", "succeeded"), ("bob", "running"), ("bob", "failed"), ("carol", "queued")):
+        await store.create_job(job(owner=owner, state=state, agent_id=None if state == "queued" else "ag1"))
+    assert await store.active_jobs_by_owner() == {"alice": 3, "bob": 1}
+
+
+async def test_count_jobs_counts_one_owners_jobs_in_the_given_states(store: Store) -> None:
+    for owner, state in (("alice", "queued"), ("alice", "queued"), ("alice", "running"), ("alice", "cancelled"),
+                         ("bob", "queued")):
+        await store.create_job(job(owner=owner, state=state))
+    assert await store.count_jobs(owner="alice", states=["queued"]) == 2
+    assert await store.count_jobs(owner="alice", states={"queued", "running", "assigned"}) == 3
+    assert await store.count_jobs(owner="alice", states=["cancelled", "succeeded"]) == 1
+    assert await store.count_jobs(owner="bob", states=["running"]) == 0
+    assert await store.count_jobs(owner="nobody", states=["queued"]) == 0
+    assert await store.count_jobs(owner="alice", states=[]) == 0
+    # The count follows changes of state.
+    [queued, *_] = await store.list_jobs(owner="alice", states=["queued"])
+    assert await store.update_job(queued.id, expect_states=["queued"], changes={"state": "assigned", "attempt": 1})
+    assert await store.count_jobs(owner="alice", states=["queued"]) == 1
+    assert await store.active_jobs_by_owner() == {"alice": 2}
+
+
 # -- logs -----------------------------------------------------------------------------------------
 
 

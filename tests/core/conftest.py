@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +20,7 @@ import pytest
 from yardmaster.protocol import messages as m
 from yardmaster.protocol.jobs import JobEvent, JobSpec
 from yardmaster.protocol.jobs import transition as real_transition
-from yardmaster.server.backends.base import JobUpdate
+from yardmaster.server.backends.base import Broker, JobUpdate
 from yardmaster.server.backends.memory_broker import MemoryBroker
 from yardmaster.server.backends.records import AgentRecord, JobRecord
 from yardmaster.server.backends.sqlite_store import SqliteStore
@@ -97,7 +97,7 @@ class FakeAgentLink:
 
 
 class Core:
-    def __init__(self, rt: Runtime, store: CheckedStore, broker: MemoryBroker, ledger: TransitionLedger) -> None:
+    def __init__(self, rt: Runtime, store: CheckedStore, broker: Broker, ledger: TransitionLedger) -> None:
         self.rt = rt
         self.store = store
         self.broker = broker
@@ -166,6 +166,9 @@ class Core:
 
 
 def core_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    # No running-jobs quota unless a test sets one (tests/core/test_core_quotas.py): many tests
+    # here run more jobs of one owner at once than the default allows.
+    overrides.setdefault("quota_running_jobs", 0)
     return load_settings({}, data_dir=str(tmp_path), cancel_grace_s=CANCEL_GRACE_S, **overrides)
 
 
@@ -176,16 +179,34 @@ def ledger(monkeypatch: pytest.MonkeyPatch) -> TransitionLedger:
     return ledger
 
 
+CoreFactory = Callable[..., Awaitable[Core]]
+
+
 @pytest.fixture
-async def core(tmp_path: Path, ledger: TransitionLedger) -> AsyncIterator[Core]:
-    store = CheckedStore(str(tmp_path / "yardmaster.db"), ledger)
-    broker = MemoryBroker()
-    rt = Runtime(core_settings(tmp_path), broker, store)
-    # Runtime.start without its loops: the tests drive the scheduler themselves.
-    await store.start()
-    await broker.start()
-    await rt.agents.start()
+async def make_core(tmp_path: Path, ledger: TransitionLedger) -> AsyncIterator[CoreFactory]:
+    """`await make_core(broker=None, **settings)`: a Core on `broker` (a MemoryBroker by default)
+    with those settings; one per test (they share the test's SQLite file)."""
+    made: list[Runtime] = []
+
+    async def make(broker: Broker | None = None, **overrides: Any) -> Core:
+        assert not made, "one Core per test"
+        store = CheckedStore(str(tmp_path / "yardmaster.db"), ledger)
+        broker = broker if broker is not None else MemoryBroker()
+        rt = Runtime(core_settings(tmp_path, **overrides), broker, store)
+        made.append(rt)
+        # Runtime.start without its loops: the tests drive the scheduler themselves.
+        await store.start()
+        await broker.start()
+        await rt.agents.start()
+        return Core(rt, store, broker, ledger)
+
     try:
-        yield Core(rt, store, broker, ledger)
+        yield make
     finally:
-        await rt.stop()
+        for rt in made:
+            await rt.stop()
+
+
+@pytest.fixture
+async def core(make_core: CoreFactory) -> Core:
+    return await make_core()

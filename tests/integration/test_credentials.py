@@ -1,12 +1,13 @@
 """Credentials against a real server process: nothing secret in the log, tickets used up by any
 handshake, key listing and revocation (closing the key's sockets with 4001), YM_ADMIN_KEY
-rotation, and the cap on client sockets per principal."""
+rotation, and the quota of client sockets per user."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
+from websockets.exceptions import InvalidStatus
 
 from tests.support.cluster import HttpError, ServerProcess, http, wait_until
 from tests.support.cluster_plugin import Cluster
@@ -177,17 +178,21 @@ def test_a_new_YM_ADMIN_KEY_retires_the_previous_admin_keys(cluster: Cluster) ->
     assert "YM_ADMIN_KEY: this key has been revoked" in output and k1 not in output
 
 
-# ---- item 7 (part): the cap on client sockets per principal -----------------------------------------
+# ---- item 7 (part), now issue 9: the quota of client sockets per user ------------------------------------
 
 
-def test_a_principal_over_its_socket_cap_gets_429_until_one_closes(cluster: Cluster) -> None:
+def test_a_user_over_the_client_socket_quota_gets_429_until_one_closes(cluster: Cluster) -> None:
     server = cluster.server(env={"YM_QUOTA_CLIENT_SOCKETS": "3"})
     url, auth = f"{server.ws_url}/ws/client", {"Authorization": f"Bearer {server.admin_key}"}
     other_token, _ = put_key(server, "gina", "user")
     open_ = [client_socket(server, server.admin_key), client_socket(server, server.admin_key),
              client_socket(server, ticket=ws_ticket(server))]
     try:
-        assert handshake_status(url, auth) == 429
+        with pytest.raises(InvalidStatus) as refused:
+            client_socket(server, server.admin_key)
+        body = json.loads(refused.value.response.body or b"{}")["error"]
+        assert refused.value.response.status_code == 429 and refused.value.response.headers["Retry-After"]
+        assert body["code"] == "quota-exceeded" and body["quota"] == "client_sockets" and body["limit"] == 3
         spare = ws_ticket(server)
         assert handshake_status(f"{url}?ticket={spare}") == 429
         assert handshake_status(url, {"Authorization": f"Bearer {other_token}"}) == 101  # another principal

@@ -220,7 +220,8 @@ def _queue_depth(server: ServerProcess) -> str:
     return next(line for line in http("GET", server.url + "/metrics").splitlines() if line.startswith("yardmaster_queue_depth "))
 
 
-def test_a_batch_submit_stores_and_queues_every_job_in_submission_order(server: ServerProcess) -> None:
+def test_a_batch_submit_stores_and_queues_every_job_in_submission_order(cluster: Cluster) -> None:
+    server = cluster.server(env={"YM_QUOTA_QUEUED_JOBS": "2000"})  # 1,003 jobs queued by one user
     status, body = _post_jobs(server, [_spec(), _spec(env={"TOKEN": "batch-secret"}), _spec(priority=5)])
     assert status == 201
     jobs = body["jobs"]

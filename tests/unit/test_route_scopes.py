@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 
-from yardmaster.server.api.auth import requirement_of
+from yardmaster.server.api.auth import NOT_DECLARED, rate_class_of, requirement_of
 from yardmaster.server.app import build_app
+from yardmaster.server.security import rate_limits
 from yardmaster.server.security.scopes import ALL_SCOPES, AUTHENTICATED, PUBLIC
-from yardmaster.server.settings import load_settings
+from yardmaster.server.settings import RATE_CLASSES, load_settings
 
 # Each authenticates its handshake itself: the agent channel with an agent token, the client
 # channel with `api.auth.authenticate` (or a ticket).
@@ -35,6 +36,13 @@ PUBLIC_PATHS = {
 }
 
 VALID = ALL_SCOPES | {PUBLIC, AUTHENTICATED}
+
+# Probes must never be refused: the only routes exempt from rate limits.
+RATE_EXEMPT_PATHS = {"/healthz", "/readyz", "/metrics"}
+# The classes an HTTP route may declare (handshakes and client messages are the channels').
+HTTP_RATE_CLASSES = {
+    rate_limits.UNAUTHENTICATED, rate_limits.SIGN_IN, rate_limits.SUBMIT, rate_limits.SANDBOX_CREATE, rate_limits.API,
+}
 
 
 def walk(routes: list[BaseRoute], prefix: str = "") -> Iterator[tuple[str, BaseRoute]]:
@@ -87,3 +95,25 @@ def test_admin_areas_need_admin_scopes(table: list[tuple[str, BaseRoute]]) -> No
             assert requirement == "agents:admin", (method, path)
         if path.startswith("/api/v1/users") and not path.startswith("/api/v1/users/me"):
             assert requirement == "users:admin", (method, path)
+
+
+def test_every_http_route_declares_a_rate_class_and_only_probes_are_exempt(table: list[tuple[str, BaseRoute]]) -> None:
+    assert HTTP_RATE_CLASSES <= set(RATE_CLASSES)
+    http = [(path, r) for path, r in table if isinstance(r, Route)]
+    undeclared = [path for path, r in http if rate_class_of(r.endpoint) == NOT_DECLARED]
+    assert not undeclared, f"routes without a rate class: {undeclared}"
+    exempt = {path for path, r in http if rate_class_of(r.endpoint) is None}
+    assert exempt == RATE_EXEMPT_PATHS
+    invalid = {path: rate_class_of(r.endpoint) for path, r in http if rate_class_of(r.endpoint) not in HTTP_RATE_CLASSES | {None}}
+    assert not invalid, invalid
+
+
+def test_the_rate_classes_of_submission_and_sign_in(table: list[tuple[str, BaseRoute]]) -> None:
+    classes = {(path, m): rate_class_of(r.endpoint) for path, r in table if isinstance(r, Route) for m in r.methods or ()}
+    assert classes[("/api/v1/jobs", "POST")] == rate_limits.SUBMIT
+    assert classes[("/api/v1/jobs", "GET")] == rate_limits.API
+    for sign_in in (("/api/v1/auth/login", "POST"), ("/api/v1/auth/register", "POST"), ("/api/v1/users/me/password", "POST")):
+        assert classes[sign_in] == rate_limits.SIGN_IN, sign_in
+    public = {path for path, r in table if isinstance(r, Route) and requirement_of(r.endpoint) == PUBLIC}
+    for path in public - RATE_EXEMPT_PATHS - {"/api/v1/auth/login", "/api/v1/auth/register"}:
+        assert {rate_class_of(r.endpoint) for p, r in table if p == path} == {rate_limits.UNAUTHENTICATED}, path
