@@ -93,8 +93,9 @@ class ClientSockets:
             asyncio.create_task(
                 read_forever(self._broker, PRINCIPALS_CHANNEL, subscription, self._handle), name="client-revocations"
             ),
-            asyncio.create_task(self._sweep_forever(), name="client-revocation-sweep"),
-            asyncio.create_task(self._renew_forever(), name="client-socket-slots"),
+            asyncio.create_task(_every(self._sweep_s, self.sweep, "revocation sweep"), name="client-revocation-sweep"),
+            asyncio.create_task(_every(self._slot_renew_s, self.renew_slots, "renewing client-socket slots"),
+                                name="client-socket-slots"),
         ]
 
     async def close(self) -> None:
@@ -156,16 +157,6 @@ class ClientSockets:
         if held:
             await self._broker.renew_slots(held, self._slot_ttl_ms)
 
-    async def _renew_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._slot_renew_s)
-            try:
-                await self.renew_slots()
-            except BackendUnavailable:
-                pass  # next time; slots live three renewals
-            except Exception:
-                log.exception("renewing client-socket slots failed")
-
     def remove(self, link: ClientLink) -> None:
         links = self._by_principal.get(link.principal.id)
         if links is not None:
@@ -212,12 +203,15 @@ class ClientSockets:
                 )
         return closed
 
-    async def _sweep_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self._sweep_s)
-            try:
-                await self.sweep()
-            except BackendUnavailable:
-                pass  # next time
-            except Exception:
-                log.exception("revocation sweep failed")
+
+async def _every(seconds: float, work: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run `work` every `seconds`, for ever. While state is unreachable it is tried again next
+    time (a missed sweep is caught by the next; slots live three renewals)."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await work()
+        except BackendUnavailable:
+            pass
+        except Exception:
+            log.exception("%s failed", what)

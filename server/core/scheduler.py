@@ -72,6 +72,17 @@ class SchedulerTimings:
     view_max_age_s: float = 1.0
 
 
+@dataclass
+class _Pass:
+    """What one scheduling pass carries from chunk to chunk."""
+
+    epoch: int
+    slots: list[AgentSlots]
+    started: float  # monotonic
+    assigned: int = 0
+    at_quota: bool = False  # some candidate waited for its owner's running jobs
+
+
 @dataclass(frozen=True)
 class SchedulerPolicy:
     # Per owner, jobs in a leased state (assigned, running, cancelling); 0: none. An owner at
@@ -310,13 +321,10 @@ class Scheduler:
             slots = await self._agent_slots(fresh=True)
             if not any(s.free > 0 for s in slots):
                 return 0
-        quota = self._policy.running_jobs_quota
-        running = self._view.running
-        assigned = 0
-        start = 0
+        this = _Pass(epoch, slots, started=pass_started)
         seen: set[str] = set()
-        at_quota = False  # some candidate waited for its owner's running jobs
         while True:
+            start = 0
             while start < len(candidates):
                 # Read the candidates in chunks sized to the free slots: a deep queue costs a pass
                 # what it can assign, yet a job no agent can take never hides the ones behind it.
@@ -324,71 +332,79 @@ class Scheduler:
                 chunk = candidates[start : start + min(self._t.peek, 2 * free + 8)]
                 start += len(chunk)
                 seen.update(chunk)
-                fresh = self._fresh
-                jobs = {job_id: fresh.pop(job_id) for job_id in chunk if job_id in fresh}
-                unknown = [job_id for job_id in chunk if job_id not in jobs]
-                if unknown:
-                    jobs.update(await self._store.get_jobs(unknown))
-                stale: list[str] = []
-                picks: list[tuple[JobRecord, AgentSlots]] = []
-                pending: Counter[str] = Counter()
-                for job_id in chunk:
-                    job = jobs.get(job_id)
-                    if job is None:
-                        made_at = id_time(job_id)
-                        if made_at is None or time.time() - made_at > UNWRITTEN_GRACE_S:
-                            stale.append(job_id)  # its submit failed after the admission
-                        continue  # being submitted: its record is on its way to the Store
-                    if job.state != "queued":
-                        stale.append(job_id)  # cancelled, or claimed before a crash
-                        continue
-                    if quota and running[job.owner] >= quota:
-                        if self._view.running_read_at < pass_started:
-                            # Jobs of theirs may have ended since the view was read: look again
-                            # (at most once per pass) before the job waits.
-                            await self._read_running(pending)
-                            running = self._view.running
-                        if running[job.owner] >= quota:
-                            at_quota = True
-                            fresh[job_id] = job  # it waits: keep its record for the next pass
-                            continue
-                    agent = choose_agent(job.spec.labels, slots, job.spec.executor)
-                    if agent is None:
-                        continue  # nobody can take it now; it must not block the jobs behind it
-                    agent.free -= 1
-                    if quota:
-                        running[job.owner] += 1
-                        pending[job.owner] += 1
-                    picks.append((job, agent))
-                    if not any(s.free > 0 for s in slots):
-                        break
-                if stale:
-                    await self._broker.remove_many(stale)
-                # The claims of a chunk are one Store transaction (and one publish round trip).
-                results = await self._jobs.claim_many([(job, agent.agent_id) for job, agent in picks], epoch)
-                for (job, agent), claimed in zip(picks, results, strict=True):
-                    if claimed is None:
-                        agent.free += 1
-                        if quota:
-                            running[job.owner] -= 1
-                    else:
-                        self._view.used[agent.agent_id] = self._view.used.get(agent.agent_id, 0) + 1
-                        assigned += 1
-                if any(claimed is None for claimed in results):
-                    await self._fenced_refused()
-                    if self.epoch is None:
-                        return assigned
-                if not any(s.free > 0 for s in slots):
-                    return assigned
-            if not (at_quota and more) or limit >= self._t.peek * DEEP_PEEK_FACTOR:
-                return assigned
+                if not await self._assign_chunk(chunk, this):
+                    return this.assigned
+            if not (this.at_quota and more) or limit >= self._t.peek * DEEP_PEEK_FACTOR:
+                return this.assigned
             # Every candidate was seen, some waited for their owner's quota and the queue goes on:
             # look further down it for other owners' jobs.
             limit *= 4
             page = await self._broker.peek(limit)
             more = len(page) >= limit
             candidates = [job_id for job_id in page if job_id not in seen]
-            start = 0
+
+    async def _assign_chunk(self, chunk: list[str], this: _Pass) -> bool:
+        """Place and claim the queued jobs among `chunk`; False when the pass is over (no free slot
+        left, or a newer leader exists)."""
+        fresh = self._fresh
+        jobs = {job_id: fresh.pop(job_id) for job_id in chunk if job_id in fresh}
+        unknown = [job_id for job_id in chunk if job_id not in jobs]
+        if unknown:
+            jobs.update(await self._store.get_jobs(unknown))
+        quota = self._policy.running_jobs_quota
+        stale: list[str] = []
+        picks: list[tuple[JobRecord, AgentSlots]] = []
+        pending: Counter[str] = Counter()  # picked and not yet claimed, per owner
+        for job_id in chunk:
+            job = jobs.get(job_id)
+            if job is None:
+                made_at = id_time(job_id)
+                if made_at is None or time.time() - made_at > UNWRITTEN_GRACE_S:
+                    stale.append(job_id)  # its submit failed after the admission
+                continue  # being submitted: its record is on its way to the Store
+            if job.state != "queued":
+                stale.append(job_id)  # cancelled, or claimed before a crash
+                continue
+            if quota and await self._at_quota(job.owner, quota, this, pending):
+                this.at_quota = True
+                fresh[job_id] = job  # it waits: keep its record for the next pass
+                continue
+            agent = choose_agent(job.spec.labels, this.slots, job.spec.executor)
+            if agent is None:
+                continue  # nobody can take it now; it must not block the jobs behind it
+            agent.free -= 1
+            if quota:
+                self._view.running[job.owner] += 1
+                pending[job.owner] += 1
+            picks.append((job, agent))
+            if not any(s.free > 0 for s in this.slots):
+                break
+        if stale:
+            await self._broker.remove_many(stale)
+        # The claims of a chunk are one Store transaction (and one publish round trip).
+        results = await self._jobs.claim_many([(job, agent.agent_id) for job, agent in picks], this.epoch)
+        for (job, agent), claimed in zip(picks, results, strict=True):
+            if claimed is None:
+                agent.free += 1
+                if quota:
+                    self._view.running[job.owner] -= 1
+            else:
+                self._view.used[agent.agent_id] = self._view.used.get(agent.agent_id, 0) + 1
+                this.assigned += 1
+        if any(claimed is None for claimed in results):
+            await self._fenced_refused()
+            if self.epoch is None:
+                return False
+        return any(s.free > 0 for s in this.slots)
+
+    async def _at_quota(self, owner: str, quota: int, this: _Pass, pending: Counter[str]) -> bool:
+        """Whether `owner` has `quota` jobs leased. Jobs of theirs may have ended since the view was
+        read: the first time a pass finds someone at the quota, it reads the counts again."""
+        if self._view.running[owner] < quota:
+            return False
+        if self._view.running_read_at < this.started:
+            await self._read_running(pending)
+        return self._view.running[owner] >= quota
 
     # ---- leases, deadlines, reconciliation -----------------------------------------------------
 
